@@ -1,0 +1,66 @@
+"""Prepare throughput and memory: real Flickr8k, and shapes at 1x and 10x images.
+
+Each preparation runs in a fresh Python process so its peak RSS is its own. Prints one
+line per run and the shapes RSS ratio (10x / 1x; streaming goal <= 1.2).
+
+    python benchmarks/bench_prepare.py [--flickr8k ../shared/data/flickr8k] [--shapes-n 20000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHILD = r"""
+import json, resource, sys, time
+from t2i import prepare
+kind, arg, out = sys.argv[1], sys.argv[2], sys.argv[3]
+t0 = time.perf_counter()
+if kind == "flickr8k":
+    m = prepare.prepare_flickr8k(arg, out)
+else:
+    m = prepare.prepare_shapes(out, n=int(arg))
+seconds = time.perf_counter() - t0
+images = sum(s["images"] for s in m["splits"].values())
+print(json.dumps({"images": images, "seconds": seconds,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def run(kind: str, arg: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, kind, arg, str(out)], cwd=REPO,
+                          capture_output=True, text=True, check=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["images_per_s"] = result["images"] / result["seconds"]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flickr8k", default=str(REPO.parent / "shared" / "data" / "flickr8k"))
+    parser.add_argument("--shapes-n", type=int, default=20000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if Path(args.flickr8k).is_dir():
+            r = run("flickr8k", args.flickr8k, tmp / "f8k")
+            print(f"flickr8k: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_s']:.0f} images/s; "
+                  f"peak RSS main {r['peak_rss_mb']:.0f} MB, decode worker {r['peak_worker_rss_mb']:.0f} MB")
+        else:
+            print(f"flickr8k: skipped, {args.flickr8k} not found")
+        small = run("shapes", str(args.shapes_n), tmp / "s1")
+        large = run("shapes", str(10 * args.shapes_n), tmp / "s10")
+        for label, r in (("1x", small), ("10x", large)):
+            print(f"shapes {label}: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_s']:.0f} images/s; "
+                  f"peak RSS {r['peak_rss_mb']:.0f} MB")
+        print(f"shapes peak RSS ratio 10x/1x = {large['peak_rss_mb'] / small['peak_rss_mb']:.3f} (goal <= 1.2)")
+
+
+if __name__ == "__main__":
+    main()

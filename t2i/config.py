@@ -1,0 +1,253 @@
+"""Typed configuration: one dataclass per concern, TOML files, typo-rejecting overrides.
+
+A run is described by a :class:`Config` (data, model, loss, optim, train). Files in
+``configs/`` are TOML with one table per section; command lines add ``--set
+section.key=value``. Any key that is not a field is rejected with the valid ones listed,
+so a typo fails before a worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied."""
+
+
+@dataclass
+class DataConfig:
+    # Prepared dataset folder (holds manifest.json). "" = the built-in shapes set,
+    # prepared once and cached under `cache_dir`.
+    path: str = ""
+    cache_dir: str = "data/cache"
+    shapes_n: int = 6000           # images in the built-in shapes set when `path` is ""
+    batch_size: int = 64           # per worker
+    eval_splits: list[str] = field(default_factory=lambda: ["dev"])
+    # Validation prompts rendered to a grid every epoch; empty = the dataset's defaults.
+    prompts: list[str] = field(default_factory=list)
+    samples_per_prompt: int = 4
+
+
+@dataclass
+class ModelConfig:
+    family: str = "seed"           # "seed" (the presentation's model) or "cvae"
+    text_encoder: str = "mean"     # "mean" of GloVe vectors (seed) or "gru" over the words
+    latent_dim: int = 128
+    hidden: int = 768              # units of the caption MLP (and of the GRU)
+    width: int = 64                # channel multiplier of the conv decoder/encoder
+    dropout: float = 0.0
+    image_size: int = 64
+
+
+@dataclass
+class LossConfig:
+    beta: float = 1.0              # weight of the KL term (Higgins et al. 2017)
+    kl_warmup_epochs: int = 0      # linear KL annealing from 0 to beta (Bowman et al. 2016)
+    free_bits: float = 0.0         # nats per latent dim not penalised (Kingma et al. 2016)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "rmsprop"          # "rmsprop" (the seed's) or "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = "constant"     # "constant", "exponential", "plateau" or "cosine"
+    gamma: float = 0.9             # per-epoch decay ("exponential") or factor ("plateau")
+    patience: int = 1              # epochs without dev improvement before "plateau" decays
+    grad_clip: float = 5.0         # max global grad norm; 0 disables
+
+
+@dataclass
+class TrainConfig:
+    name: str = "t2i"              # run name: re-running the same name resumes it
+    storage_path: str = "runs"     # where runs live (local folder or shared filesystem)
+    epochs: int = 10
+    num_workers: int = 1           # 0 = run the loop in this process (debugging)
+    use_gpu: str = "auto"          # "auto" (GPU when the cluster has one), "true", "false"
+    cpus_per_worker: float = 0.45  # < 1 so Ray Data's read tasks keep a CPU (2-core machines)
+    amp: bool = True               # mixed precision, only ever on GPU
+    seed: int = 0
+    max_failures: int = 1          # worker-group restarts from the last checkpoint
+    keep_best: int = 2             # checkpoints kept by dev loss (the latest is always kept)
+    data_cpu_limit: float = 1.0    # Ray Data CPU budget; 0 = let Ray Data decide
+    fail_once_at_epoch: int = -1   # fault drill: raise once in this epoch (tests)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.family": ("seed", "cvae"),
+    "model.text_encoder": ("mean", "gru"),
+    "optim.name": ("rmsprop", "adam"),
+    "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
+    "train.use_gpu": ("auto", "true", "false"),
+}
+
+
+def _section_types(section_cls) -> dict[str, Any]:
+    hints = get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in fields(section_cls)}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s.name}.{k}" for s in fields(Config) for k in _section_types(s.type)]
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Convert a TOML value or a command-line string to the field's type."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typ == list[str]:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+        if isinstance(value, str):
+            return [v.strip() for v in value.split("|") if v.strip()] if value else []
+    raise ConfigError(f"{key}: cannot use {value!r} as {getattr(typ, '__name__', typ)}")
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    section_name, _, name = key.partition(".")
+    section_names = [f.name for f in fields(Config)]
+    if section_name not in section_names or not name:
+        raise ConfigError(
+            f"unknown config key {key!r}; keys look like section.name with section in "
+            f"{section_names}. Valid keys: {', '.join(valid_keys())}"
+        )
+    section = getattr(cfg, section_name)
+    types = _section_types(type(section))
+    if name not in types:
+        raise ConfigError(
+            f"unknown config key {key!r}. Valid keys in [{section_name}]: "
+            f"{', '.join(sorted(types))}"
+        )
+    coerced = _coerce(key, value, types[name])
+    if key in CHOICES and coerced not in CHOICES[key]:
+        raise ConfigError(f"{key} must be one of {CHOICES[key]}, got {coerced!r}")
+    setattr(section, name, coerced)
+
+
+def apply(cfg: Config, values: dict[str, Any]) -> Config:
+    """Apply a nested ``{section: {key: value}}`` mapping (as read from TOML)."""
+    for section_name, section_values in values.items():
+        if not isinstance(section_values, dict):
+            raise ConfigError(
+                f"top-level key {section_name!r} must be a [section] table; "
+                f"sections: {[f.name for f in fields(Config)]}"
+            )
+        for name, value in section_values.items():
+            _set(cfg, f"{section_name}.{name}", value)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    return key.strip(), value.strip()
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the TOML file (if any), then ``key=value`` overrides, in that order."""
+    cfg = Config()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            apply(cfg, tomllib.loads(path.read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+    for item in overrides:
+        _set(cfg, *parse_override(item))
+    validate(cfg)
+    return cfg
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config saved with :meth:`Config.to_dict` (e.g. inside a checkpoint)."""
+    cfg = apply(Config(), values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    problems = []
+    if cfg.model.image_size != 64:
+        problems.append("model.image_size: only 64 is supported")
+    if cfg.model.latent_dim < 1 or cfg.model.hidden < 1 or cfg.model.width < 1:
+        problems.append("model.latent_dim, model.hidden and model.width must be >= 1")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        problems.append("model.dropout must be in [0, 1)")
+    if cfg.optim.lr <= 0:
+        problems.append("optim.lr must be > 0")
+    if cfg.train.epochs < 1:
+        problems.append("train.epochs must be >= 1")
+    if cfg.train.num_workers < 0:
+        problems.append("train.num_workers must be >= 0")
+    if cfg.data.batch_size < 1:
+        problems.append("data.batch_size must be >= 1")
+    if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
+        problems.append("loss.beta and loss.free_bits must be >= 0")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise ConfigError(f"cannot write {value!r} to TOML")
+
+
+def dumps(cfg: Config) -> str:
+    """TOML text that :func:`load` reads back to an equal Config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""Pure-PyTorch generators (no Ray, no data code). ``build_model`` maps a ModelConfig to one."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from t2i.config import ModelConfig
+from t2i.models.vae import CVAE, SeedVAE, TextToImageVAE, VAEOutput
+
+FAMILIES = {"seed": SeedVAE, "cvae": CVAE}
+
+
+def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImageVAE:
+    """A fresh model whose frozen word table is ``vectors`` (vocab_size, embed_dim)."""
+    cls = FAMILIES[cfg.family]
+    model = cls(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
+                latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width, dropout=cfg.dropout)
+    model.text.vectors.copy_(torch.as_tensor(vectors, dtype=torch.float32))
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Trainable parameters (the frozen GloVe table is a buffer, not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = ["build_model", "count_parameters", "TextToImageVAE", "VAEOutput", "SeedVAE", "CVAE", "FAMILIES"]

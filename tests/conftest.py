@@ -1,0 +1,46 @@
+"""Shared fixtures: one Ray runtime for the whole session, tiny prepared datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FLICKR8K = (REPO.parent / "shared" / "data" / "flickr8k").resolve()
+
+# Faster, quieter Ray Train in tests (measured: saves 2-4 s per fit).
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def needs_flickr8k():
+    return pytest.mark.skipif(
+        not (FLICKR8K / "Flickr8k_text").is_dir(),
+        reason=f"real Flickr8k not found at {FLICKR8K} (only present beside the repo in CI and dev machines)",
+    )
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for all tests (starting Ray costs ~5 s)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 _temp_dir=None, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """A small prepared shapes set shared by the tests (read-only for them)."""
+    from t2i.prepare import prepare_shapes
+
+    out = tmp_path_factory.mktemp("data") / "shapes"
+    prepare_shapes(out, n=600, seed=0, shard_rows=200)
+    return out
