@@ -14,7 +14,7 @@ import sys
 from t2i.config import ConfigError
 from t2i.flickr8k import DatasetError
 
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)  # CheckpointError is a ValueError
 
 
 def _prepare(args: argparse.Namespace) -> dict:

@@ -36,10 +36,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     family: str = "seed"           # "seed" (the presentation's model) or "cvae"
-    text_encoder: str = "mean"     # "mean" of GloVe vectors (seed) or "gru" over the words
+    text_encoder: str = "mean"     # "mean" of GloVe vectors (seed), "pool" (per-word MLP, max) or "gru"
     latent_dim: int = 128
-    hidden: int = 768              # units of the caption MLP (and of the GRU)
-    width: int = 64                # channel multiplier of the conv decoder/encoder
+    hidden: int = 1024             # units of the caption MLP (and of the GRU)
+    width: int = 84                # channel multiplier of the conv decoder/encoder (7.5M params: the seed's size)
     dropout: float = 0.0
     image_size: int = 64
 
@@ -64,7 +64,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "t2i"              # run name: re-running the same name resumes it
+    name: str = ""                 # run name ("" = <dataset>-<family>); the same name resumes
     storage_path: str = "runs"     # where runs live (local folder or shared filesystem)
     epochs: int = 10
     num_workers: int = 1           # 0 = run the loop in this process (debugging)
@@ -75,6 +75,7 @@ class TrainConfig:
     max_failures: int = 1          # worker-group restarts from the last checkpoint
     keep_best: int = 2             # checkpoints kept by dev loss (the latest is always kept)
     data_cpu_limit: float = 1.0    # Ray Data CPU budget; 0 = let Ray Data decide
+    torch_threads: int = 0         # intra-op threads per worker; 0 = node CPUs / workers on the node
     fail_once_at_epoch: int = -1   # fault drill: raise once in this epoch (tests)
 
 
@@ -92,7 +93,7 @@ class Config:
 
 CHOICES = {
     "model.family": ("seed", "cvae"),
-    "model.text_encoder": ("mean", "gru"),
+    "model.text_encoder": ("mean", "pool", "gru"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),

@@ -1,0 +1,147 @@
+"""Prepared Parquet -> Ray Datasets -> batches of (image uint8, word ids).
+
+Datasets are built on the driver and streamed to the workers: no split is ever loaded
+into memory whole. Training rows pick one of the image's captions at random each time
+the dataset is iterated (every epoch), so all captions get used; evaluation rows expand
+to every (image, caption) pair, like the seed's test set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from t2i.flickr8k import DatasetError
+from t2i.prepare import FORMAT, prepare_shapes, sha256_file
+from t2i.text import Vocabulary
+
+TRAIN_COLUMNS = ["image", "word_ids"]
+
+
+def default_shapes_dir(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
+    return Path(cache_dir) / f"shapes-n{n}-seed{seed}"
+
+
+def ensure_shapes(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
+    """The built-in shapes set, prepared on first use and cached."""
+    out = default_shapes_dir(cache_dir, n, seed)
+    if not (out / "manifest.json").is_file():
+        prepare_shapes(out, n=n, seed=seed, overwrite=out.exists())
+    return out
+
+
+def load_manifest(root: str | Path, verify_checksums: bool = True) -> dict:
+    """Read and check a prepared dataset: manifest present, every shard there and intact."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data folder not found: {root}")
+    path = root / "manifest.json"
+    if not path.is_file():
+        contents = ", ".join(sorted(p.name for p in root.iterdir())[:5]) or "it is empty"
+        raise DatasetError(f"{path} not found ({contents}); prepare the data first: "
+                           "python -m t2i prepare flickr8k --src DIR --out DIR")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise DatasetError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for split, info in manifest["splits"].items():
+        for shard in info["shards"]:
+            file = root / shard["file"]
+            if not file.is_file():
+                raise DatasetError(f"manifest/shard mismatch: {file} is listed for {split} but missing")
+            if file.stat().st_size != shard["bytes"]:
+                raise DatasetError(f"manifest/shard mismatch: {file} has {file.stat().st_size} bytes, "
+                                   f"manifest says {shard['bytes']} (truncated or replaced?)")
+            if verify_checksums and sha256_file(file) != shard["sha256"]:
+                raise DatasetError(f"checksum mismatch for {file}: the shard changed after preparation")
+    return manifest
+
+
+def load_vocabulary(root: str | Path) -> Vocabulary:
+    table = pq.read_table(Path(root) / "vocab.parquet")
+    vectors = table.column("vector").combine_chunks()
+    dim = vectors.type.list_size
+    return Vocabulary(table.column("word").to_pylist(),
+                      vectors.flatten().to_numpy().reshape(-1, dim).astype(np.float32))
+
+
+def shard_paths(root: str | Path, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise DatasetError(f"split {split!r} not in {root}; it has {sorted(manifest['splits'])}")
+    files = [str(Path(root) / s["file"]) for s in manifest["splits"][split]["shards"]]
+    if not files:
+        raise DatasetError(f"split {split!r} of {root} has no images")
+    return files
+
+
+def decode_images(column: pa.ChunkedArray | pa.Array, size: int) -> np.ndarray:
+    """Binary column of raw HWC bytes -> (N, size, size, 3) uint8 without per-row copies."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if array.type != pa.binary():
+        array = array.cast(pa.binary())
+    offsets = np.frombuffer(array.buffers()[1], np.int32)[array.offset: array.offset + len(array) + 1]
+    expected = size * size * 3
+    if len(array) and not np.all(np.diff(offsets) == expected):
+        raise DatasetError(f"image bytes are not {size}x{size}x3 in a shard (wrong --size or corrupt data)")
+    data = np.frombuffer(array.buffers()[2], np.uint8)[offsets[0]: offsets[-1]]
+    return data.reshape(len(array), size, size, 3)
+
+
+def _caption_rows(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """list<fixed_size_list<int32, L>> -> (per-row offsets (N+1,), all rows (total, L))."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = array.offsets.to_numpy()
+    inner = array.values
+    width = inner.type.list_size
+    values = inner.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    return offsets, values
+
+
+def pick_caption(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
+    """One random caption per image; fresh randomness each call, so each epoch differs."""
+    offsets, rows = _caption_rows(batch.column("word_ids"))
+    counts = np.diff(offsets)
+    pick = offsets[:-1] + (np.random.default_rng().random(len(counts)) * counts).astype(np.int64)
+    return {"image": decode_images(batch.column("image"), image_size), "word_ids": rows[pick]}
+
+
+def all_captions(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
+    """Every (image, caption) pair, for deterministic evaluation."""
+    offsets, rows = _caption_rows(batch.column("word_ids"))
+    images = decode_images(batch.column("image"), image_size)
+    return {"image": np.repeat(images, np.diff(offsets), axis=0), "word_ids": rows}
+
+
+def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], data_cpu_limit: float = 0.0):
+    """Ray Datasets for training ("train") and each evaluation split, built on the driver."""
+    import ray.data  # noqa: PLC0415 - Ray stays out of the non-Ray code paths
+
+    ctx = ray.data.DataContext.get_current()
+    if data_cpu_limit > 0:
+        # Without a cap Ray Data's tasks and the train workers fight for 2 cores and can stall.
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=data_cpu_limit)
+    size = manifest["image_size"]
+    datasets = {
+        "train": ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle="files")
+        .select_columns(TRAIN_COLUMNS)
+        .map_batches(pick_caption, fn_kwargs={"image_size": size}, batch_format="pyarrow"),
+    }
+    for split in eval_splits:
+        datasets[split] = (ray.data.read_parquet(shard_paths(root, manifest, split))
+                           .select_columns(TRAIN_COLUMNS)
+                           .map_batches(all_captions, fn_kwargs={"image_size": size}, batch_format="pyarrow"))
+    return datasets
+
+
+def to_model_inputs(batch: dict, device) -> tuple:
+    """uint8 NHWC images -> float NCHW in [0, 1] on ``device``; ids -> long."""
+    import torch  # noqa: PLC0415
+
+    images = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    return images, batch["word_ids"].to(device, non_blocking=True).long()

@@ -1,0 +1,164 @@
+"""Training on tiny shapes: loss falls, checkpoints reload, resume and fault tolerance."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from t2i import checkpoint as ckpt_lib
+from t2i import config as config_lib
+from t2i.config import ConfigError
+from t2i.data import load_manifest
+from t2i.flickr8k import DatasetError
+from t2i.generate import sample_prompts
+
+TINY = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.batch_size=32",
+        "data.samples_per_prompt=2", "train.keep_best=10", "optim.lr=0.003", "optim.name=adam"]
+
+
+def tiny_cfg(shapes_dir, tmp_path, *extra):
+    return config_lib.load(None, TINY + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
+                                         "train.name=run", *extra])
+
+
+def epochs_on_disk(run_dir):
+    return sorted(ckpt_lib.read_state(p)["epoch"] for p in run_dir.glob("checkpoint_*/model.pt"))
+
+
+def test_config_typo_fails_fast_with_valid_keys():
+    with pytest.raises(ConfigError, match="Valid keys in \\[model\\]:.*width"):
+        config_lib.load(None, ["model.widht=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'modle.width'"):
+        config_lib.load(None, ["modle.width=3"])
+    with pytest.raises(ConfigError, match="must be one of"):
+        config_lib.load(None, ["model.family=gan"])
+    with pytest.raises(ConfigError, match="cannot use 'abc' as int"):
+        config_lib.load(None, ["train.epochs=abc"])
+
+
+def test_config_files_load_and_round_trip(tmp_path):
+    from conftest import REPO
+
+    for path in sorted((REPO / "configs").glob("*.toml")):
+        cfg = config_lib.load(path)
+        saved = tmp_path / path.name
+        saved.write_text(config_lib.dumps(cfg))
+        assert config_lib.load(saved) == cfg, path.name
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nwidht = 3\n")
+    with pytest.raises(ConfigError, match="bad.toml.*widht"):
+        config_lib.load(bad)
+
+
+def test_train_job_rejects_typo_before_ray(capsys):
+    import train_job
+
+    assert train_job.main(["--set", "optim.lrr=0.1"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_local_mode_loss_falls(shapes_dir, tmp_path, ray_session):
+    from t2i.train import fit
+
+    summary = fit(tiny_cfg(shapes_dir, tmp_path, "train.num_workers=0", "train.epochs=3"))
+    assert summary["error"] is None and summary["epochs_done"] == 3
+    first = ckpt_lib.read_state(min(tmp_path.glob("run/checkpoint_*/model.pt"), key=lambda p: ckpt_lib.read_state(p)["epoch"]))
+    assert summary["metrics"]["train_loss"] < first["metrics"]["train_loss"]
+    assert summary["metrics"]["dev_mse"] < 0.2
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
+        "epoch_000.png", "epoch_001.png", "epoch_002.png"]
+
+
+@pytest.fixture(scope="module")
+def two_worker_run(shapes_dir, tmp_path_factory, ray_session):
+    from t2i.train import fit
+
+    tmp = tmp_path_factory.mktemp("runs2")
+    return fit(tiny_cfg(shapes_dir, tmp, "train.num_workers=2", "train.epochs=3")), tmp
+
+
+def test_two_workers_loss_falls_and_dev_is_exact(two_worker_run, shapes_dir):
+    summary, tmp = two_worker_run
+    assert summary["error"] is None
+    states = sorted((ckpt_lib.read_state(p) for p in tmp.glob("run/checkpoint_*/model.pt")), key=lambda s: s["epoch"])
+    assert [s["epoch"] for s in states] == [0, 1, 2]
+    assert states[-1]["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
+    assert states[-1]["metrics"]["dev_loss"] < states[0]["metrics"]["dev_loss"]
+    json.dumps(summary)  # the job's last line must be valid JSON
+
+
+def test_checkpoint_reloads_and_generates_same_images(two_worker_run):
+    summary, _ = two_worker_run
+    loaded = ckpt_lib.load(summary["best_checkpoint"])
+    prompts = ["a small red circle in the top left corner", "a big blue square"]
+    a = sample_prompts(loaded.model, loaded.vocab, prompts, 3, 32, seed=7)
+    b = sample_prompts(ckpt_lib.load(summary["best_checkpoint"]).model, loaded.vocab, prompts, 3, 32, seed=7)
+    c = sample_prompts(loaded.model, loaded.vocab, prompts, 3, 32, seed=8)
+    assert a.shape == (2, 3, 3, 64, 64)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_crashed_run_resumes_at_next_epoch(shapes_dir, tmp_path, ray_session):
+    from t2i.train import fit
+
+    crash = tiny_cfg(shapes_dir, tmp_path, "train.epochs=3", "train.max_failures=0", "train.fail_once_at_epoch=1")
+    first = fit(crash)
+    assert first["error"] is not None and "fault drill" in first["error"]
+    assert epochs_on_disk(tmp_path / "run") == [0]
+    second = fit(crash)  # same name + storage: resumes from epoch 0's checkpoint
+    assert second["error"] is None
+    assert epochs_on_disk(tmp_path / "run") == [0, 1, 2]  # epoch 0 was not trained again
+
+
+def test_worker_failure_is_retried_from_last_checkpoint(shapes_dir, tmp_path, ray_session):
+    from t2i.train import fit
+
+    summary = fit(tiny_cfg(shapes_dir, tmp_path, "train.epochs=3", "train.max_failures=1",
+                           "train.fail_once_at_epoch=1"))
+    assert summary["error"] is None
+    assert (tmp_path / "run" / ".fault_drill_done").exists()
+    assert epochs_on_disk(tmp_path / "run") == [0, 1, 2]  # each epoch checkpointed once
+
+
+def test_resume_refuses_other_model_config_and_corrupt_checkpoint(shapes_dir, tmp_path):
+    from t2i.train import check_resume
+
+    cfg = tiny_cfg(shapes_dir, tmp_path)
+    run_dir = tmp_path / "run" / "checkpoint_a"
+    run_dir.mkdir(parents=True)
+    from t2i.models import build_model
+    from t2i.data import load_vocabulary
+
+    vocab = load_vocabulary(shapes_dir)
+    ckpt_lib.save(run_dir, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=0, metrics={})
+    assert check_resume(tmp_path / "run", cfg)["epoch"] == 0
+    other = tiny_cfg(shapes_dir, tmp_path, "model.width=16")
+    with pytest.raises(ckpt_lib.CheckpointError, match="width: checkpoint 8 vs config 16"):
+        check_resume(tmp_path / "run", other)
+    data = (run_dir / "model.pt").read_bytes()
+    (run_dir / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt_lib.CheckpointError, match="corrupt or truncated"):
+        check_resume(tmp_path / "run", cfg)
+    assert (run_dir / "model.pt").stat().st_size == len(data) // 2  # nothing deleted or rewritten
+    (run_dir / "other.pt").write_bytes(b"")
+    torch.save({"hello": 1}, run_dir / "foreign.pt")
+    with pytest.raises(ckpt_lib.CheckpointError, match="not a t2i checkpoint"):
+        ckpt_lib.read_state(run_dir / "foreign.pt")
+
+
+def test_bad_data_folders_are_named(shapes_dir, tmp_path):
+    with pytest.raises(DatasetError, match="data folder not found"):
+        load_manifest(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="it is empty"):
+        load_manifest(tmp_path / "empty")
+    copy = tmp_path / "copy"
+    shutil.copytree(shapes_dir, copy)
+    shard = next((copy / "train").glob("*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DatasetError, match="truncated"):
+        load_manifest(copy)
+    shard.unlink()
+    with pytest.raises(DatasetError, match="manifest/shard mismatch.*missing"):
+        load_manifest(copy)
