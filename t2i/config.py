@@ -106,7 +106,8 @@ def _section_types(section_cls) -> dict[str, Any]:
 
 
 def valid_keys() -> list[str]:
-    return [f"{s.name}.{k}" for s in fields(Config) for k in _section_types(s.type)]
+    sections = get_type_hints(Config)
+    return [f"{name}.{k}" for name, cls in sections.items() for k in _section_types(cls)]
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:

@@ -145,3 +145,26 @@ def to_model_inputs(batch: dict, device) -> tuple:
 
     images = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     return images, batch["word_ids"].to(device, non_blocking=True).long()
+
+
+def read_split_arrays(root: str | Path, manifest: dict, split: str, attributes: bool = False) -> dict:
+    """A whole split in memory, for evaluation (no Ray): images (N, H, W, 3) uint8, one row
+    per caption in ``word_ids`` (M, L) / ``embeddings`` (M, d) / ``caption_image`` (M,) /
+    ``captions``, and, for the shapes set, the ground-truth attributes per image."""
+    columns = ["image", "word_ids", "embeddings", "captions"]
+    if attributes:
+        columns += ["color", "shape", "size", "position"]
+    table = pq.read_table(shard_paths(root, manifest, split), columns=columns)
+    offsets, ids = _caption_rows(table.column("word_ids"))
+    emb_offsets, emb = _caption_rows(table.column("embeddings"))
+    counts = np.diff(offsets)
+    out = {
+        "images": decode_images(table.column("image"), manifest["image_size"]),
+        "word_ids": ids[offsets[0]: offsets[-1]],
+        "embeddings": emb[emb_offsets[0]: emb_offsets[-1]].astype(np.float32),
+        "caption_image": np.repeat(np.arange(len(counts)), counts),
+        "captions": [c for caps in table.column("captions").to_pylist() for c in caps],
+    }
+    if attributes:
+        out["attributes"] = {c: table.column(c).to_pylist() for c in ("color", "shape", "size", "position")}
+    return out

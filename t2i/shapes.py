@@ -159,3 +159,31 @@ def generate(n: int, seed: int):
     for index in range(n):
         spec = random_spec(rng)
         yield index, assign_split(spec, rng), spec, draw(spec), captions(spec, rng)
+
+
+def analyse(image: np.ndarray) -> dict[str, str | None]:
+    """Read colour, shape, size and position back from a (64, 64, 3) image in [0, 1] or
+    uint8, by its pixels alone: the foreground is every pixel at least half as bright as
+    the brightest; colour = nearest palette entry to its mean; position = grid cell of its
+    bounding-box centre; size = bounding-box side (small < 21 px <= large); shape = how much of the
+    bounding box it fills (square ~1.0, circle ~0.79, triangle ~0.5)."""
+    img = np.asarray(image, dtype=np.float32)
+    if img.max() > 1.5:
+        img = img / 255.0
+    brightness = img.max(axis=2)
+    peak = float(brightness.max())
+    mask = brightness >= max(0.5 * peak, 0.15)
+    if peak < 0.15 or not mask.any():
+        return {"color": None, "shape": None, "size": None, "position": None}
+    ys, xs = np.nonzero(mask)
+    palette = np.array(list(COLORS.values()), dtype=np.float32) / 255.0
+    mean = img[mask].mean(axis=0)
+    color = list(COLORS)[int(np.argmin(((palette - mean) ** 2).sum(axis=1)))]
+    third = CANVAS / 3
+    col = min(int((xs.min() + xs.max() + 1) / 2 / third), 2)  # bounding-box centre, as drawn
+    row = min(int((ys.min() + ys.max() + 1) / 2 / third), 2)
+    w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    fill = mask.sum() / float(w * h)
+    shape = "square" if fill > 0.89 else ("circle" if fill > 0.64 else "triangle")
+    return {"color": color, "shape": shape, "size": "small" if max(w, h) < 21 else "large",
+            "position": POSITIONS[row * 3 + col]}

@@ -119,6 +119,11 @@ def train_func(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             resumed = ckpt_lib.read_state(folder)
+    elif run_dir.is_dir() and (latest := ckpt_lib.latest_in_run(run_dir)):
+        # Ray offers none in local mode, or when a run died before Ray wrote its snapshot
+        # of the checkpoint list (measured: a crash right after a report); ours are on disk.
+        resumed = ckpt_lib.read_state(latest)
+    if resumed:
         model.load_state_dict(resumed["model"])
         start_epoch = resumed["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
@@ -164,6 +169,11 @@ def train_func(loop_config: dict) -> None:
         _report(metrics, rank, raw_model, optimizer, scheduler, cfg, vocab, loop_config, run_dir, epoch)
 
 
+def local_mode(cfg: Config) -> bool:
+    """num_workers=0: the loop runs in the driver process (debugging)."""
+    return cfg.train.num_workers == 0
+
+
 def _fault_drill(fail_epoch: int, epoch: int, rank: int, run_dir: Path) -> None:
     """Raise once in ``fail_epoch`` (marker file in the run dir) to exercise max_failures."""
     marker = run_dir / ".fault_drill_done"
@@ -183,6 +193,8 @@ def _report(metrics, rank, raw_model, optimizer, scheduler, cfg, vocab, loop_con
                                   loop_config["max_words"], cfg.train.seed, run_dir / "samples" / f"epoch_{epoch:03d}.png")
             shutil.copy(grid, Path(folder) / "samples.png")
             checkpoint = ray.train.Checkpoint.from_directory(folder)
+            if local_mode(cfg):  # Ray persists nothing in local mode: keep every epoch ourselves
+                shutil.copytree(folder, run_dir / f"checkpoint_local_epoch{epoch:04d}", dirs_exist_ok=True)
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -315,5 +327,8 @@ def fit(cfg: Config) -> dict:
     if done and done["epoch"] + 1 >= cfg.train.epochs:
         print(f"{run_dir} already finished epoch {done['epoch']}; raise train.epochs to train longer")
         return summarize(run_dir)
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:  # raised once max_failures is used up
+        return summarize(run_dir, exc)
     return summarize(run_dir, result.error)

@@ -1,0 +1,198 @@
+"""Honest evaluation of a checkpoint on an image-level split, beside trivial baselines.
+
+For every (image, caption) pair of the split the model generates from the caption alone
+(never seeing the image): its deterministic output (prior mean) and ``samples`` random
+draws. Reported for the model and for two baselines that ignore the image too -- the train
+mean image, and the mean of the train images whose captions are the k nearest by GloVe
+embedding -- are MSE (the seed's metric), PSNR, SSIM, sharpness (variance of the
+Laplacian / that of the real images), diversity, R-precision from an independent dual
+encoder trained on the train split only, and on the shapes set attribute accuracy read
+from the pixels (test and `novel` splits).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2i import checkpoint as ckpt_lib
+from t2i import metrics, shapes
+from t2i.alignment import DualEncoder, r_precision, to_float, train_dual_encoder
+from t2i.data import load_manifest, load_vocabulary, read_split_arrays
+from t2i.flickr8k import DatasetError
+from t2i.losses import gaussian_kl
+
+KNN = 50
+JUDGE_FILE = "alignment_judge.pt"
+
+
+def remap_ids(word_ids: np.ndarray, data_words: list[str], model_index: dict[str, int]) -> np.ndarray:
+    """Data-vocabulary ids -> the checkpoint's vocabulary ids (unknown words -> padding)."""
+    table = np.array([model_index.get(w, 0) for w in data_words], dtype=np.int64)
+    return table[word_ids]
+
+
+def image_metrics(generated: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"mse": metrics.mse(generated, truth), "psnr": metrics.psnr(generated, truth),
+            "ssim": metrics.ssim(generated, truth), "sharpness": metrics.laplacian_variance(generated)}
+
+
+class Accumulator:
+    """Per-item metric values gathered batch by batch, averaged at the end."""
+
+    def __init__(self):
+        self.values: dict[str, list[torch.Tensor]] = {}
+
+    def add(self, prefix: str, values: dict[str, torch.Tensor]) -> None:
+        for k, v in values.items():
+            self.values.setdefault(f"{prefix}{k}", []).append(v.detach().float().cpu())
+
+    def means(self) -> dict[str, float]:
+        return {k: float(torch.cat(v).mean()) for k, v in self.values.items()}
+
+
+def knn_baseline(train: dict, query_embeddings: np.ndarray, k: int = KNN, batch: int = 512) -> np.ndarray:
+    """For each query caption: the mean of the train images whose captions are nearest
+    (cosine, GloVe means), counting each image once. Returns (M, H, W, 3) float32 in [0, 1]."""
+    keys = train["embeddings"] / np.linalg.norm(train["embeddings"], axis=1, keepdims=True).clip(1e-8)
+    images = train["images"].astype(np.float32) / 255.0
+    out = np.empty((len(query_embeddings), *images.shape[1:]), dtype=np.float32)
+    for start in range(0, len(query_embeddings), batch):
+        q = query_embeddings[start: start + batch]
+        q = q / np.linalg.norm(q, axis=1, keepdims=True).clip(1e-8)
+        order = np.argsort(-(q @ keys.T), axis=1)[:, : 4 * k]
+        for row, ranked in enumerate(order):
+            seen = list(dict.fromkeys(train["caption_image"][ranked]))[:k]
+            out[start + row] = images[seen].mean(axis=0)
+    return out
+
+
+def load_or_train_judge(root: Path, manifest: dict, train: dict, vocab, log=print) -> DualEncoder:
+    """The alignment judge for this prepared dataset, trained once and cached beside it."""
+    path = root / JUDGE_FILE
+    fingerprint = "".join(s["sha256"] for s in manifest["splits"]["train"]["shards"])
+    if path.is_file():
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            judge = DualEncoder(vocab.vectors)
+            judge.load_state_dict(state["model"])
+            return judge.eval()
+    log("training the alignment judge on the train split (cached afterwards)")
+    judge = train_dual_encoder(train["images"], train["word_ids"], train["caption_image"], vocab.vectors, log=log)
+    torch.save({"fingerprint": fingerprint, "model": judge.state_dict()}, path)
+    return judge
+
+
+def shapes_accuracy(images: torch.Tensor, attributes: dict[str, list[str]], caption_image: np.ndarray) -> dict:
+    """Attribute accuracy of generated images (one per caption row) read from the pixels."""
+    tiles = images.permute(0, 2, 3, 1).numpy()
+    hits = {k: 0 for k in ("color", "shape", "size", "position")}
+    all_right = 0
+    for tile, img in zip(tiles, caption_image):
+        found = shapes.analyse(tile)
+        right = [found[k] == attributes[k][img] for k in hits]
+        for k, ok in zip(hits, right):
+            hits[k] += ok
+        all_right += all(right)
+    n = max(len(tiles), 1)
+    return {**{k: v / n for k, v in hits.items()}, "all": all_right / n}
+
+
+@torch.no_grad()
+def generate_for(model, ids: np.ndarray, samples: int, seed: int, batch: int = 256):
+    """Deterministic outputs (M, 3, H, W) and ``samples`` draws (M, samples, 3, H, W), in batches."""
+    generator = torch.Generator().manual_seed(seed)
+    for start in range(0, len(ids), batch):
+        chunk = torch.as_tensor(ids[start: start + batch]).long()
+        mean = model.sample(chunk, n=1, deterministic=True)[:, 0]
+        draws = model.sample(chunk, n=samples, generator=generator) if samples else None
+        yield start, mean, draws
+
+
+def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
+             samples: int = 3, seed: int = 0, max_pairs: int = 0, log=print) -> dict:
+    started = time.perf_counter()
+    loaded = ckpt_lib.load(checkpoint)
+    root = Path(data)
+    manifest = load_manifest(root)
+    is_shapes = manifest["dataset"] == "shapes"
+    vocab = load_vocabulary(root)
+    train = read_split_arrays(root, manifest, "train")
+    judge = load_or_train_judge(root, manifest, train, vocab, log)
+    mean_image = torch.as_tensor(train["images"].astype(np.float32).mean(axis=0) / 255.0).permute(2, 0, 1)
+    splits = [split] + (["novel"] if is_shapes and split != "novel" and "novel" in manifest["splits"] else [])
+    result = {"checkpoint": str(checkpoint), "data": str(root), "dataset": manifest["dataset"],
+              "model": loaded.config.model.family, "epoch": loaded.state["epoch"], "splits": {}}
+    for name in splits:
+        result["splits"][name] = evaluate_split(loaded, root, manifest, name, train, judge, mean_image, vocab,
+                                                samples, seed, max_pairs, is_shapes)
+    result["seconds"] = time.perf_counter() - started
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, vocab, samples, seed, max_pairs,
+                   is_shapes) -> dict:
+    if split not in manifest["splits"]:
+        raise DatasetError(f"split {split!r} not in {root}; it has {sorted(manifest['splits'])}")
+    part = read_split_arrays(root, manifest, split, attributes=is_shapes)
+    if max_pairs:
+        keep = np.random.default_rng(seed).permutation(len(part["word_ids"]))[:max_pairs]
+        keep.sort()
+        for key in ("word_ids", "embeddings", "caption_image"):
+            part[key] = part[key][keep]
+    ids = remap_ids(part["word_ids"], vocab.words, loaded.vocab.index)
+    truth_all = to_float(part["images"])
+    acc = Accumulator()
+    generated = torch.empty(len(ids), *truth_all.shape[1:])
+    sampled_first = torch.empty_like(generated)
+    torch.manual_seed(seed)
+    for start, mean, draws in generate_for(loaded.model, ids, samples, seed):
+        truth = truth_all[part["caption_image"][start: start + len(mean)]]
+        with torch.no_grad():  # the training objective on test pairs (posterior sample)
+            o = loaded.model(truth, torch.as_tensor(ids[start: start + len(mean)]).long())
+        acc.add("model_elbo/", {"mse": metrics.mse(o.recon, truth),
+                                "kl": gaussian_kl(o.mu, o.logvar, o.prior_mu, o.prior_logvar).sum(1)})
+        generated[start: start + len(mean)] = mean
+        acc.add("model_mean/", image_metrics(mean, truth))
+        if draws is not None:
+            sampled_first[start: start + len(mean)] = draws[:, 0]
+            for j in range(draws.shape[1]):
+                acc.add("model_sample/", image_metrics(draws[:, j], truth))
+            acc.add("model_sample/", {"diversity": metrics.pairwise_diversity(draws)})
+    knn = torch.as_tensor(knn_baseline(train, part["embeddings"])).permute(0, 3, 1, 2)
+    truth = truth_all[part["caption_image"]]
+    acc.add("baseline_mean_image/", image_metrics(mean_image.expand_as(truth), truth))
+    acc.add(f"baseline_knn{KNN}/", image_metrics(knn, truth))
+    acc.add("real/", {"sharpness": metrics.laplacian_variance(truth_all)})
+    table = _nest(acc.means())
+    real_sharp = table.pop("real")["sharpness"]
+    for row in table.values():
+        if "sharpness" not in row:
+            continue
+        row["sharpness_ratio"] = row.pop("sharpness") / real_sharp
+    rp = {"real": truth, "model_mean": generated, f"baseline_knn{KNN}": knn,
+          "baseline_mean_image": mean_image.expand_as(truth)}
+    if samples:
+        rp["model_sample"] = sampled_first
+    for name, images in rp.items():
+        table.setdefault(name, {}).update(r_precision(judge, images, part["word_ids"], part["caption_image"], seed=seed))
+    if is_shapes:
+        for name in ("real", "model_mean", "model_sample", f"baseline_knn{KNN}"):
+            if name in rp:
+                table[name]["attributes"] = shapes_accuracy(rp[name], part["attributes"], part["caption_image"])
+    return {"pairs": len(ids), "images": len(part["images"]), "results": table}
+
+
+def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:
+    nested: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        group, metric = key.split("/", 1)
+        nested.setdefault(group, {})[metric] = value
+    return nested

@@ -1,0 +1,224 @@
+"""Hyperparameter search with Ray Tune over the Ray Train job (Train V2 + Tune pattern).
+
+Each Tune trial runs :func:`trial_driver`, a tiny function that builds the same
+``TorchTrainer`` as ``train_job.py`` (``t2i.train.make_trainer``) with the trial's
+hyperparameters and reports every epoch to Tune through ``TuneReportCallback``. ASHA stops
+poor trials early on the target metric. The sweep lives in
+``<storage>/<name>``: Tune's state (for ``Tuner.restore``), one Train run per trial under
+``trials/`` (checkpoints + sample grids), ``results.csv`` and ``best_config.toml``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from t2i import config as config_lib
+from t2i.config import Config, ConfigError
+from t2i.train import make_trainer, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCH_METRICS = ("loss", "mse", "kl")
+OTHER_METRICS = ("samples_per_s", "epoch_s", "lr", "kl_weight", "epoch")
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+
+
+@dataclass
+class SearchConfig:
+    name: str = "sweep"             # sweep folder under train.storage_path; the same name resumes
+    base_config: str = "configs/shapes.toml"  # training config the hyperparameters modify
+    metric: str = "dev_loss"        # what ASHA and the ranking minimise/maximise
+    mode: str = "min"
+    num_samples: int = 8            # trials (random search)
+    max_concurrent_trials: int = 1  # 1 on a 2-core machine; more on a cluster
+    grace_period: int = 1           # epochs every trial gets before ASHA may stop it
+    reduction_factor: int = 2       # ASHA keeps 1/reduction_factor of trials at each rung
+    seed: int = 0
+    # {config key: {type: loguniform|uniform|choice|randint, low/high or values}}
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def reported_metrics(cfg: Config) -> set[str]:
+    splits = ["train", *cfg.data.eval_splits]
+    return {f"{s}_{m}" for s in splits for m in EPOCH_METRICS} | set(OTHER_METRICS)
+
+
+def _domain(key: str, spec: dict[str, Any]):
+    kind = spec.get("type")
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"space.{key}: type must be one of {DISTRIBUTIONS}, got {kind!r}")
+    if kind == "choice":
+        values = spec.get("values")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"space.{key}: 'choice' needs a non-empty list 'values'")
+        return tune.choice(values)
+    low, high = spec.get("low"), spec.get("high")
+    if not isinstance(low, (int, float)) or not isinstance(high, (int, float)) or not low < high:
+        raise ConfigError(f"space.{key}: needs numbers low < high, got low={low!r} high={high!r} (empty range)")
+    if kind == "loguniform":
+        if low <= 0:
+            raise ConfigError(f"space.{key}: loguniform needs low > 0")
+        return tune.loguniform(low, high)
+    if kind == "randint":
+        return tune.randint(int(low), int(high) + 1)
+    return tune.uniform(low, high)
+
+
+def _check_value(key: str, value: Any) -> None:
+    """A space key must be a real config key and its values must fit its type."""
+    config_lib.load(None, [f"{key}={value}"])
+
+
+def build_space(search: SearchConfig) -> dict[str, Any]:
+    if not search.space:
+        raise ConfigError("the search space is empty: add a [space] table")
+    space = {}
+    for key, spec in search.space.items():
+        if not isinstance(spec, dict):
+            raise ConfigError(f"space.{key} must be a table like {{type = \"choice\", values = [...]}}")
+        _check_value(key, spec["values"][0] if spec.get("type") == "choice" and spec.get("values")
+                     else spec.get("low", 1))
+        space[key] = _domain(key, spec)
+    return space
+
+
+def load_search(path: str | Path | None, overrides: list[str] = ()) -> tuple[SearchConfig, Config]:
+    """Read a sweep file ([search] + [space] tables) and its base training config.
+
+    ``--set search.key=value`` sets sweep options; any other key is a training override
+    applied to every trial (e.g. ``train.epochs=3``).
+    """
+    raw: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"search file not found: {path}")
+        raw = tomllib.loads(path.read_text())
+    unknown = set(raw) - {"search", "space"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; a sweep file has [search] and [space]")
+    search = SearchConfig(space=dict(raw.get("space", {})))
+    valid = {f.name: f.type for f in fields(SearchConfig) if f.name != "space"}
+    train_overrides = []
+    items = [(f"search.{k}", v) for k, v in raw.get("search", {}).items()]
+    items += [config_lib.parse_override(o) for o in overrides]
+    for key, value in items:
+        section, _, name = key.partition(".")
+        if section != "search":
+            train_overrides.append(f"{key}={value}")
+            continue
+        if name not in valid:
+            raise ConfigError(f"unknown search option {key!r}; valid: {', '.join('search.' + k for k in valid)}")
+        current = getattr(search, name)
+        setattr(search, name, type(current)(value) if not isinstance(value, type(current)) else value)
+    if search.mode not in ("min", "max"):
+        raise ConfigError("search.mode must be 'min' or 'max'")
+    base_path = Path(search.base_config)
+    if not base_path.is_absolute() and not base_path.exists():
+        base_path = REPO / search.base_config  # relative to the repository, wherever we run
+    base = config_lib.load(base_path, train_overrides)
+    if search.metric not in reported_metrics(base):
+        raise ConfigError(f"search.metric {search.metric!r} is never reported by training; "
+                          f"reported: {', '.join(sorted(reported_metrics(base)))}")
+    build_space(search)  # validate before any trial starts
+    return search, base
+
+
+def trial_driver(params: dict) -> None:
+    """One Tune trial: the training job with this trial's hyperparameters."""
+    cfg = config_lib.from_dict(params["base"])
+    for key, value in params["hp"].items():
+        config_lib.apply(cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: value}})
+    config_lib.validate(cfg)
+    trial_name = f"trial_{tune.get_context().get_trial_id()}"
+    trainer, _ = make_trainer(cfg, callbacks=[TuneReportCallback()], run_name_override=trial_name,
+                              storage_override=params["trials_dir"])
+    trainer.fit()
+
+
+def sweep_dir(search: SearchConfig, base: Config) -> Path:
+    return Path(base.train.storage_path).resolve() / search.name
+
+
+def run(search: SearchConfig, base: Config) -> dict:
+    """Run (or resume) the sweep; returns the summary printed as the last line."""
+    if not ray.is_initialized():
+        ray.init()
+    root = sweep_dir(search, base)
+    trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # the driver itself is idle
+    if tune.Tuner.can_restore(str(root)):
+        print(f"resuming sweep {root}")
+        tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        scheduler = ASHAScheduler(max_t=base.train.epochs, grace_period=search.grace_period,
+                                  reduction_factor=search.reduction_factor)
+        param_space = {"base": base.to_dict(), "trials_dir": str(root / "trials"), "hp": build_space(search)}
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler,
+                                        num_samples=search.num_samples,
+                                        max_concurrent_trials=search.max_concurrent_trials,
+                                        search_alg=tune.search.BasicVariantGenerator(random_state=search.seed)),
+            run_config=tune.RunConfig(name=search.name, storage_path=str(root.parent)),
+        )
+    grid = tuner.fit()
+    return report(grid, search, base, root)
+
+
+def report(grid, search: SearchConfig, base: Config, root: Path) -> dict:
+    rows = []
+    for result in grid:
+        history = result.metrics_dataframe
+        hp = result.config["hp"]
+        values = history[search.metric].dropna() if history is not None and search.metric in history else []
+        best = (values.min() if search.mode == "min" else values.max()) if len(values) else math.nan
+        epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        if result.error:
+            reason = f"error: {str(result.error).splitlines()[0][:80]}"
+        elif epochs < base.train.epochs:
+            reason = "stopped early (ASHA)"
+        else:
+            reason = "completed"
+        trial_id = result.metrics.get("trial_id") if result.metrics else Path(result.path).name
+        rows.append({"trial": f"trial_{trial_id}", **hp, f"best_{search.metric}": best,
+                     "epochs": epochs, "stop_reason": reason})
+    sign = 1 if search.mode == "min" else -1
+    rows.sort(key=lambda r: (math.isnan(r[f"best_{search.metric}"]), sign * r[f"best_{search.metric}"]))
+    table = root / "results.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print_table(rows)
+    best_row = rows[0]
+    best_cfg = config_lib.from_dict(base.to_dict())
+    for key in search.space:
+        config_lib.apply(best_cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: best_row[key]}})
+    best_cfg.train.name = f"{search.name}-best"
+    best_path = root / "best_config.toml"
+    best_path.write_text(f"# Best trial {best_row['trial']} of sweep {search.name} "
+                         f"({search.metric} = {best_row[f'best_{search.metric}']:.6g}).\n"
+                         f"# Retrain: python train_job.py --config {best_path}\n" + config_lib.dumps(best_cfg))
+    trial_run = summarize(root / "trials" / best_row["trial"])
+    return {"sweep_dir": str(root), "table": str(table), "best_trial": best_row["trial"],
+            "best_config_file": str(best_path), "best_hyperparameters": {k: best_row[k] for k in search.space},
+            "metric": search.metric, "best_metric": best_row[f"best_{search.metric}"],
+            "best_checkpoint": trial_run["best_checkpoint"], "trials": len(rows)}
+
+
+def print_table(rows: list[dict]) -> None:
+    keys = list(rows[0])
+    cells = [[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    print("  ".join(k.ljust(w) for k, w in zip(keys, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
