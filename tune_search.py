@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if "ray" in sys.modules:  # leave no raylet/gcs behind, even after Ctrl-C
+            sys.modules["ray"].shutdown()
     print(json.dumps(summary))
     return 0
 

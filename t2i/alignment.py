@@ -91,7 +91,7 @@ def r_precision(model: DualEncoder, images: torch.Tensor, caption_ids: np.ndarra
     caption_image: (M,) source image of each caption (distractors come from other images)."""
     model.eval()
     emb_img = torch.cat([model.embed_images(images[s: s + 512]) for s in range(0, len(images), 512)])
-    ids = torch.as_tensor(caption_ids).long()
+    ids = torch.from_numpy(np.array(caption_ids, dtype=np.int64))
     emb_txt = torch.cat([model.embed_text(ids[s: s + 1024]) for s in range(0, len(ids), 1024)])
     rng = np.random.default_rng(seed)
     m = len(caption_ids)

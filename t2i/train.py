@@ -157,9 +157,11 @@ def train_func(loop_config: dict) -> None:
         sums = all_reduce_sums(sums)
         metrics = {"epoch": epoch, **means("train", sums), "samples_per_s": sums[3].item() / train_seconds,
                    "kl_weight": weight if seen else cfg.loss.beta, "lr": optimizer.param_groups[0]["lr"]}
+        # Dev loss is the plain negative ELBO (beta = 1): comparable across runs and sweeps
+        # whatever beta, warm-up or free bits they train with.
         for split, shard in eval_shards.items():
             batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size)
-            metrics.update(means(split, all_reduce_sums(evaluate(raw_model, batches, device, cfg.loss.beta, autocast))))
+            metrics.update(means(split, all_reduce_sums(evaluate(raw_model, batches, device, 1.0, autocast))))
         if cfg.optim.schedule == "plateau":
             scheduler.step(metrics.get(METRIC, metrics["train_loss"]))
         else:

@@ -24,7 +24,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from t2i import config as config_lib
 from t2i.config import Config, ConfigError
-from t2i.train import make_trainer, summarize
+from t2i.train import make_trainer, resolve_data, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("loss", "mse", "kl")
@@ -154,6 +154,11 @@ def run(search: SearchConfig, base: Config) -> dict:
     if not ray.is_initialized():
         ray.init()
     root = sweep_dir(search, base)
+    # Trials run in their own working dirs: hand them absolute paths, and prepare the
+    # built-in data once here rather than in every trial.
+    base = config_lib.from_dict(base.to_dict())
+    base.data.path = str(resolve_data(base))
+    base.train.storage_path = str(Path(base.train.storage_path).resolve())
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # the driver itself is idle
     if tune.Tuner.can_restore(str(root)):
         print(f"resuming sweep {root}")
@@ -167,7 +172,8 @@ def run(search: SearchConfig, base: Config) -> dict:
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler,
                                         num_samples=search.num_samples,
                                         max_concurrent_trials=search.max_concurrent_trials,
-                                        search_alg=tune.search.BasicVariantGenerator(random_state=search.seed)),
+                                        search_alg=tune.search.BasicVariantGenerator(
+                                            random_state=search.seed, max_concurrent=search.max_concurrent_trials)),
             run_config=tune.RunConfig(name=search.name, storage_path=str(root.parent)),
         )
     grid = tuner.fit()
@@ -183,7 +189,7 @@ def report(grid, search: SearchConfig, base: Config, root: Path) -> dict:
         best = (values.min() if search.mode == "min" else values.max()) if len(values) else math.nan
         epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
         if result.error:
-            reason = f"error: {str(result.error).splitlines()[0][:80]}"
+            reason = f"error ({type(result.error).__name__}; see {result.path})"
         elif epochs < base.train.epochs:
             reason = "stopped early (ASHA)"
         else:

@@ -1,0 +1,105 @@
+"""Generation from a checkpoint alone, and evaluation beside baselines (no Ray needed)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from t2i import checkpoint as ckpt_lib
+from t2i import config as config_lib
+from t2i import shapes
+from t2i.cli import main as cli_main
+from t2i.data import load_manifest, load_vocabulary, read_split_arrays
+from t2i.evaluate import evaluate, knn_baseline
+from t2i.metrics import mse, psnr, ssim
+from t2i.models import build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(shapes_dir, tmp_path_factory):
+    cfg = config_lib.load(None, ["model.width=8", "model.hidden=64", "model.latent_dim=8", "model.family=cvae",
+                                 "model.text_encoder=gru"])
+    vocab = load_vocabulary(shapes_dir)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt")
+    return ckpt_lib.save(folder, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=3,
+                         metrics={"dev_loss": 1.0}, data={"max_words": 32})
+
+
+def test_generate_grid_and_caption_files(checkpoint, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert cli_main(["generate", "--checkpoint", str(checkpoint), "a red circle", "a big blue box",
+                     "--n", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size[0] >= 3 * 128
+    caps = tmp_path / "caps.txt"
+    caps.write_text("a red circle\na small green square at the top\na white triangle\n")
+    assert cli_main(["generate", "--checkpoint", str(checkpoint), "--captions-file", str(caps),
+                     "--out", str(tmp_path / "each")]) == 0
+    files = sorted(p.name for p in (tmp_path / "each").iterdir())
+    assert files == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(tmp_path / "each" / "00000.png").size == (64, 64)
+    # Same seed, same images.
+    cli_main(["generate", "--checkpoint", str(checkpoint), "--captions-file", str(caps), "--out", str(tmp_path / "again")])
+    for name in files:
+        assert (tmp_path / "each" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_generate_bad_input_is_reported(checkpoint, tmp_path, capsys):
+    assert cli_main(["generate", "--checkpoint", str(checkpoint), "blorf zzyx", "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown: blorf, zzyx" in capsys.readouterr().err
+    assert cli_main(["generate", "--checkpoint", str(checkpoint), "  ", "--out", str(tmp_path / "x.png")]) == 2
+    assert "empty prompt" in capsys.readouterr().err
+    assert cli_main(["generate", "--checkpoint", str(tmp_path / "none.pt"), "red", "--out", str(tmp_path / "x.png")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    assert cli_main(["generate", "--checkpoint", str(foreign), "red", "--out", str(tmp_path / "x.png")]) == 2
+    assert "not a t2i checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_metrics_on_known_images():
+    a = torch.zeros(2, 3, 64, 64)
+    b = torch.full((2, 3, 64, 64), 0.5)
+    assert torch.allclose(mse(a, b), torch.tensor([0.25, 0.25]))
+    assert torch.allclose(psnr(a, b), torch.tensor([10 * np.log10(4.0)] * 2).float())
+    noise = torch.rand(1, 3, 64, 64)
+    assert ssim(noise, noise).item() == pytest.approx(1.0, abs=1e-4)
+    assert ssim(noise, torch.rand(1, 3, 64, 64)).item() < 0.2
+
+
+def test_pixel_judge_reads_real_shapes(shapes_dir):
+    manifest = load_manifest(shapes_dir)
+    data = read_split_arrays(shapes_dir, manifest, "test", attributes=True)
+    for image, *truth in zip(data["images"], *(data["attributes"][k] for k in ("color", "shape", "size", "position"))):
+        found = shapes.analyse(image)
+        assert [found[k] for k in ("color", "shape", "size", "position")] == truth
+
+
+def test_knn_baseline_averages_nearest_train_images(shapes_dir):
+    manifest = load_manifest(shapes_dir)
+    train = read_split_arrays(shapes_dir, manifest, "train")
+    out = knn_baseline(train, train["embeddings"][:2], k=1)
+    nearest = train["images"][train["caption_image"][:2]].astype(np.float32) / 255
+    np.testing.assert_allclose(out, nearest, atol=1e-6)  # each caption is its own nearest neighbour
+
+
+def test_evaluate_reports_model_and_baselines(checkpoint, shapes_dir, tmp_path):
+    result = evaluate(checkpoint, shapes_dir, "test", out=tmp_path / "eval.json", samples=2, log=lambda m: None)
+    assert json.loads((tmp_path / "eval.json").read_text())["splits"].keys() == {"test", "novel"}
+    test = result["splits"]["test"]
+    r = test["results"]
+    assert set(r) >= {"model_mean", "model_sample", "model_elbo", "baseline_mean_image", "baseline_knn50", "real"}
+    manifest = load_manifest(shapes_dir)
+    part = read_split_arrays(shapes_dir, manifest, "test")
+    train = read_split_arrays(shapes_dir, manifest, "train")
+    mean_image = train["images"].astype(np.float64).mean(0) / 255
+    direct = ((part["images"][part["caption_image"]] / 255.0 - mean_image) ** 2).mean()
+    assert r["baseline_mean_image"]["mse"] == pytest.approx(direct, rel=1e-4)
+    assert r["baseline_knn50"]["mse"] < r["baseline_mean_image"]["mse"]
+    assert r["real"]["attributes"]["all"] == 1.0
+    assert r["baseline_mean_image"]["r_precision"] < r["real"]["r_precision"]
+    assert 0 <= r["model_mean"]["attributes"]["color"] <= 1 and r["model_sample"]["diversity"] > 0
+    assert test["pairs"] == len(part["word_ids"])

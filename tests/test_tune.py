@@ -1,0 +1,93 @@
+"""Ray Tune sweep: validation before trials, a smoke sweep, resume after an interrupt."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from t2i import checkpoint as ckpt_lib
+from t2i import config as config_lib
+from t2i.config import ConfigError
+
+from conftest import REPO
+
+SMOKE = ["train.epochs=2", "data.batch_size=32", "model.hidden=64", "data.samples_per_prompt=2",
+         "search.num_samples=2", "search.grace_period=2"]
+
+
+def write_space(tmp_path, space: str) -> str:
+    path = tmp_path / "sweep.toml"
+    path.write_text(f'[search]\nbase_config = "configs/shapes.toml"\n[space]\n{space}\n')
+    return str(path)
+
+
+def test_bad_search_spaces_fail_before_any_trial(tmp_path):
+    from t2i.tune import load_search
+
+    with pytest.raises(ConfigError, match="model.widht"):
+        load_search(write_space(tmp_path, '"model.widht" = { type = "choice", values = [8] }'))
+    with pytest.raises(ConfigError, match="empty range"):
+        load_search(write_space(tmp_path, '"optim.lr" = { type = "loguniform", low = 0.01, high = 0.001 }'))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_search(write_space(tmp_path, '"model.width" = { type = "choice", values = [] }'))
+    with pytest.raises(ConfigError, match="never reported"):
+        load_search(write_space(tmp_path, '"optim.lr" = { type = "uniform", low = 0.001, high = 0.01 }'),
+                    ["search.metric=test_accuracy"])
+    with pytest.raises(ConfigError, match="unknown search option"):
+        load_search(None, ["search.nmu_samples=3"])
+
+
+def trial_epochs(sweep_dir):
+    return {d.name: sorted(ckpt_lib.read_state(p)["epoch"] for p in d.glob("checkpoint_*/model.pt"))
+            for d in (sweep_dir / "trials").iterdir() if d.is_dir()}
+
+
+def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path, ray_session):
+    from t2i.tune import load_search, run
+
+    args = [f"--set={o}" for o in SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
+                                          "search.name=sw"]]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(REPO / "tune_search.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    trials = tmp_path / "sw" / "trials"
+    deadline = time.time() + 400
+    # Interrupt (Ctrl-C) as soon as the second trial has started: the first is finished.
+    while time.time() < deadline and proc.poll() is None:
+        if trials.is_dir() and len([d for d in trials.iterdir() if d.is_dir()]) >= 2:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    before = trial_epochs(tmp_path / "sw")
+    finished = [name for name, epochs in before.items() if epochs == [0, 1]]
+    assert len(finished) == 1, before
+
+    search, base = load_search(REPO / "configs" / "sweeps" / "default.toml", SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
+                                              "search.name=sw"])
+    summary = run(search, base)
+    after = trial_epochs(tmp_path / "sw")
+    assert after[finished[0]] == [0, 1]  # the finished trial was not trained again
+    assert len(after) == 2 and all(epochs == [0, 1] for epochs in after.values()), after
+    rows = list(csv.DictReader(open(summary["table"])))
+    assert len(rows) == 2 and {r["stop_reason"] for r in rows} == {"completed"}
+    assert float(rows[0]["best_dev_loss"]) <= float(rows[1]["best_dev_loss"])
+    assert summary["best_checkpoint"] and os.path.exists(summary["best_checkpoint"])
+    json.dumps(summary)
+
+    # The best config retrains with train_job's loader.
+    best = config_lib.load(summary["best_config_file"], [f"train.storage_path={tmp_path / 'retrain'}",
+                                                        "train.epochs=1"])
+    for key, value in summary["best_hyperparameters"].items():
+        section, name = key.split(".")
+        assert getattr(getattr(best, section), name) == value
+    from t2i.train import fit
+
+    retrained = fit(best)
+    assert retrained["error"] is None and retrained["epochs_done"] == 1
