@@ -8,12 +8,11 @@ The last line printed is one JSON object: run dir, best and latest checkpoints, 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from t2i import config as config_lib
-from t2i.cli import USER_ERRORS
+from t2i.cli import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes.toml"
 SMOKE = ["data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "model.width=8",
@@ -32,19 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = (SMOKE if args.smoke_test else []) + args.overrides
     if args.data:
         overrides.append(f"data.path={args.data}")
-    try:
+
+    def work() -> dict:
         cfg = config_lib.load(args.config, overrides)
         from t2i.train import fit  # noqa: PLC0415 - config errors should not wait for Ray's import
 
-        summary = fit(cfg)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if "ray" in sys.modules:  # leave no raylet/gcs behind, even after Ctrl-C
-            sys.modules["ray"].shutdown()
-    print(json.dumps(summary))
-    return 0 if summary["error"] is None else 1
+        return fit(cfg)
+
+    return run_job(work)
 
 
 if __name__ == "__main__":

@@ -8,11 +8,10 @@ printed is one JSON object: best hyperparameters, metric, config file and checkp
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from t2i.cli import USER_ERRORS
+from t2i.cli import run_job
 
 DEFAULT_SEARCH = Path(__file__).resolve().parent / "configs" / "sweeps" / "default.toml"
 SMOKE = ["search.num_samples=2", "search.name=smoke-sweep", "train.epochs=2", "data.shapes_n=300",
@@ -26,19 +25,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="search.<option>=... or any training key for every trial (repeatable)")
     parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials, to check the setup")
     args = parser.parse_args(argv)
-    try:
-        from t2i import tune as sweep  # noqa: PLC0415
+
+    def work() -> dict:
+        from t2i import tune as sweep  # noqa: PLC0415 - keep --help fast
 
         search, base = sweep.load_search(args.config, (SMOKE if args.smoke_test else []) + args.overrides)
-        summary = sweep.run(search, base)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if "ray" in sys.modules:  # leave no raylet/gcs behind, even after Ctrl-C
-            sys.modules["ray"].shutdown()
-    print(json.dumps(summary))
-    return 0
+        return sweep.run(search, base)
+
+    return run_job(work)
 
 
 if __name__ == "__main__":

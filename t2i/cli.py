@@ -18,6 +18,21 @@ from t2i.flickr8k import DatasetError
 USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)
 
 
+def run_job(work) -> int:
+    """Entry-script wrapper: run ``work()`` (-> summary dict), print the summary as the last
+    line (JSON), turn user errors into one line + exit 2, and stop any Ray started here."""
+    try:
+        summary = work()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if "ray" in sys.modules:  # leave no raylet/gcs behind, even after Ctrl-C
+            sys.modules["ray"].shutdown()
+    print(json.dumps(summary))
+    return 0 if not summary.get("error") else 1
+
+
 def _prepare(args: argparse.Namespace) -> dict:
     from t2i import prepare  # noqa: PLC0415 - keep `--help` fast
 
