@@ -72,14 +72,15 @@ def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: int
         grids.append(sample_prompts(loaded.model, loaded.vocab, list(SEED_CAPTIONS), 4, 32, seed=0))
         prompts += [f"{label}: {c}" for c in SEED_CAPTIONS]
     save_grid(torch.cat(grids), prompts, out_dir / "samples.png")
-    text = render_markdown(rows, data)
+    text = render_markdown(rows, f"python -m t2i report --data {os.path.relpath(data)} --epochs {epochs}"
+                                 + (f" --max-pairs {max_pairs}" if max_pairs else ""))
     (out_dir / "table2.md").write_text(text)
     (out_dir / "table2.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     print(text)
     return {"table": str(out_dir / "table2.md"), "samples": str(out_dir / "samples.png")}
 
 
-def render_markdown(rows: list[dict], data: Path) -> str:
+def render_markdown(rows: list[dict], command: str) -> str:
     first = rows[0]["eval"]
     res0 = first["results"]
     lines = [
@@ -116,5 +117,5 @@ def render_markdown(rows: list[dict], data: Path) -> str:
                      f"| {b.get('ssim', 1.0):.3f} | {b.get('sharpness_ratio', 1.0):.2f} | - "
                      f"| {b['r_precision']:.3f} ± {b['r_precision_std']:.3f} |")
     lines += ["", "Seed (Google Colab, reported): test MSE 0.0667-0.0679, i.e. no better than the mean image.",
-              "", f"Regenerate: `python -m t2i report --data {data}`", ""]
+              "", f"Regenerate: `{command}` (from the repository root, with the data prepared there).", ""]
     return "\n".join(lines)
