@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
-import psutil  # noqa: E402  (installed with ray[default])
 import torch  # noqa: E402
 
 from t2i import config as config_lib  # noqa: E402
@@ -126,24 +124,40 @@ def replicate(root: Path, out: Path, times: int) -> Path:
     return out
 
 
+def _tree_pss_bytes(root_pid: int) -> int:
+    """PSS (shared pages split fairly) of a process and all its descendants, from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root_pid}, [root_pid]
+    while frontier:
+        pid = frontier.pop()
+        kids = [c for c, p in parents.items() if p == pid and c not in tree]
+        tree.update(kids)
+        frontier += kids
+    total = 0
+    for pid in tree:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
 def peak_job_pss_mb(data: Path, storage: Path, overrides: list[str]) -> float:
     """Run one epoch of train_job.py and sample the PSS of its whole process tree."""
     cmd = [sys.executable, str(REPO / "train_job.py"), "--data", str(data),
            "--set", f"train.storage_path={storage}", "--set", "train.epochs=1", *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    root = psutil.Process(proc.pid)
     peak = 0.0
     while proc.poll() is None:
-        total = 0
-        try:
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_full_info().pss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    pass
-        except psutil.NoSuchProcess:
-            break
-        peak = max(peak, total / 2 ** 20)
+        peak = max(peak, _tree_pss_bytes(proc.pid) / 2 ** 20)
         time.sleep(0.5)
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed with {proc.returncode}")
