@@ -120,8 +120,8 @@ def train_func(loop_config: dict) -> None:
         with checkpoint.as_directory() as folder:
             resumed = ckpt_lib.read_state(folder)
     elif run_dir.is_dir() and (latest := ckpt_lib.latest_in_run(run_dir)):
-        # Ray offers none in local mode, or when a run died before Ray wrote its snapshot
-        # of the checkpoint list (measured: a crash right after a report); ours are on disk.
+        # Ray offers none in local mode (num_workers=0), nor when its snapshot of the run's
+        # checkpoint list is missing; our model.pt files on disk still say where we were.
         resumed = ckpt_lib.read_state(latest)
     if resumed:
         model.load_state_dict(resumed["model"])
