@@ -141,7 +141,6 @@ def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], dat
 
 def to_model_inputs(batch: dict, device) -> tuple:
     """uint8 NHWC images -> float NCHW in [0, 1] on ``device``; ids -> long."""
-
     images = batch["image"].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
     return images, batch["word_ids"].to(device, non_blocking=True).long()
 
