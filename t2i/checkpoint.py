@@ -69,7 +69,8 @@ def read_state(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: finding a run's newest epoch reads a few bytes per checkpoint, not every weight.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from exc

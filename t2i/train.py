@@ -80,10 +80,15 @@ def evaluate(model, batches, device, beta: float, autocast=contextlib.nullcontex
         with autocast():
             out = model(images, word_ids)
         t = elbo_loss(out.recon, images, out.mu, out.logvar, out.prior_mu, out.prior_logvar, beta)
-        n = images.shape[0]
-        sums += torch.stack([t["loss"] * n, t["mse"] * n, t["kl"] * n, torch.tensor(float(n), device=device)])
+        sums += batch_sums(t, images.shape[0])
     model.train()
     return sums
+
+
+def batch_sums(terms: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+    """(loss, mse, kl, count) summed over a batch of ``n``, for exact means across batches/workers."""
+    loss = terms["loss"]
+    return torch.stack([loss * n, terms["mse"] * n, terms["kl"] * n, loss.new_tensor(float(n))]).double()
 
 
 def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
@@ -150,9 +155,8 @@ def train_func(loop_config: dict) -> None:
             weight = kl_weight(cfg.loss.beta, cfg.loss.kl_warmup_epochs, epoch + seen * world / max(n_train, 1))
             t = train_step(model, images, word_ids, optimizer, weight, cfg.loss.free_bits,
                            cfg.optim.grad_clip, autocast)
-            n = images.shape[0]
-            seen += n
-            sums += torch.stack([t["loss"] * n, t["mse"] * n, t["kl"] * n, torch.tensor(float(n), device=device)])
+            seen += images.shape[0]
+            sums += batch_sums(t, images.shape[0])
         train_seconds = time.perf_counter() - started
         sums = all_reduce_sums(sums)
         metrics = {"epoch": epoch, **means("train", sums), "samples_per_s": sums[3].item() / train_seconds,
