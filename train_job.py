@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="TOML config file (default: configs/shapes.toml, the built-in data)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
-    parser.add_argument("--data", help="prepared dataset folder (same as --set data.path=...)")
+    parser.add_argument("--data", help="prepared dataset folder or URI (same as --set data.path=...)")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny 2-epoch run to check the setup")
     args = parser.parse_args(argv)
     overrides = (SMOKE if args.smoke_test else []) + args.overrides

@@ -23,13 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_SEARCH), help="sweep file: [search] and [space] tables")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="search.<option>=... or any training key for every trial (repeatable)")
+    parser.add_argument("--data", help="prepared dataset folder or URI (same as --set data.path=...)")
     parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials, to check the setup")
     args = parser.parse_args(argv)
+    overrides = (SMOKE if args.smoke_test else []) + args.overrides
+    if args.data:
+        overrides.append(f"data.path={args.data}")
 
     def work() -> dict:
         from t2i import tune as sweep  # noqa: PLC0415 - keep --help fast
 
-        search, base = sweep.load_search(args.config, (SMOKE if args.smoke_test else []) + args.overrides)
+        search, base = sweep.load_search(args.config, overrides)
         return sweep.run(search, base)
 
     return run_job(work)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from t2i import config as config_lib  # noqa: E402
+from t2i import config as config_lib, storage  # noqa: E402
 from t2i.data import load_manifest, load_vocabulary, read_split_arrays  # noqa: E402
 from t2i.models import build_model  # noqa: E402
-from t2i.prepare import prepare_shapes, sha256_file, write_manifest  # noqa: E402
+from t2i.prepare import prepare_shapes, write_manifest  # noqa: E402
 from t2i.train import make_optimizer, train_step  # noqa: E402
 
 
@@ -120,7 +120,7 @@ def replicate(root: Path, out: Path, times: int) -> Path:
                        "captions": manifest["splits"]["train"]["captions"] * times, "shards": shards}
     fields = {k: v for k, v in manifest.items() if k not in ("format", "created", "splits")}
     write_manifest(out, splits=splits, **fields)
-    assert sha256_file(out / shards[-1]["file"]) == shards[-1]["sha256"]
+    assert storage.sha256(out / shards[-1]["file"]) == shards[-1]["sha256"]
     return out
 
 

@@ -2,12 +2,15 @@
 scheduler state + epoch + metrics, so generation rebuilds the model from the file alone.
 
 Loaded with ``torch.load(weights_only=True)``: only tensors and plain containers, never
-arbitrary pickled objects.
+arbitrary pickled objects. Each checkpoint folder also holds ``meta.json`` (epoch +
+metrics), so finding a run's latest or best checkpoint reads a few bytes per checkpoint,
+not every weight (which matters when runs live in s3:// or gs://). Paths may be URIs.
 """
 
 from __future__ import annotations
 
-import re
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +18,13 @@ import numpy as np
 import torch
 
 from t2i import config as config_lib
+from t2i import storage
 from t2i.models import TextToImageVAE, build_model
 from t2i.text import Vocabulary
 
 FORMAT = "t2i-checkpoint/1"
 FILENAME = "model.pt"
+META = "meta.json"
 
 
 class CheckpointError(ValueError):
@@ -58,19 +63,28 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)  # never leave a half-written model.pt behind
+    (path.parent / META).write_text(json.dumps({"format": FORMAT, "epoch": state["epoch"],
+                                                "metrics": state["metrics"]}))
     return path
+
+
+def model_file(location: str | Path) -> str:
+    """``model.pt`` itself, given the file or its checkpoint folder."""
+    location = str(location)
+    return storage.join(location, FILENAME) if storage.is_dir(location) else location
 
 
 def read_state(path: str | Path) -> dict:
     """The raw checkpoint dict, with clear errors for missing, corrupt or foreign files."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILENAME
-    if not path.is_file():
+    path = model_file(path)
+    if not storage.is_file(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # mmap: finding a run's newest epoch reads a few bytes per checkpoint, not every weight.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if storage.is_uri(path):
+            source = io.BytesIO(storage.read_bytes(path))
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        else:  # mmap: only the tensors actually used are read from disk
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from exc
@@ -104,14 +118,25 @@ def check_compatible(state: dict, cfg: config_lib.Config, where: str) -> None:
                               "use a new train.name or the original config")
 
 
-_EPOCH_DIR = re.compile(r"checkpoint_")
+def run_checkpoints(run_dir: str | Path) -> list[tuple[int, dict, str]]:
+    """(epoch, metrics, model.pt location) of every checkpoint under a run, oldest first."""
+    found = []
+    for entry in storage.list_names(run_dir):
+        if not entry.startswith("checkpoint_"):
+            continue
+        folder = storage.join(run_dir, entry)
+        meta_path = storage.join(folder, META)
+        if storage.is_file(meta_path):
+            meta = json.loads(storage.read_text(meta_path))
+        elif storage.is_file(storage.join(folder, FILENAME)):  # written before meta.json existed
+            meta = read_state(folder)
+        else:
+            continue  # a folder Ray is still uploading, or an unrelated one
+        found.append((int(meta["epoch"]), dict(meta["metrics"]), storage.join(folder, FILENAME)))
+    return sorted(found, key=lambda item: item[0])
 
 
-def latest_in_run(run_dir: str | Path) -> Path | None:
+def latest_in_run(run_dir: str | Path) -> str | None:
     """The newest ``model.pt`` (by epoch) under a run directory, or None."""
-    best: tuple[int, Path] | None = None
-    for path in Path(run_dir).glob("checkpoint_*/" + FILENAME):
-        epoch = read_state(path)["epoch"]
-        if best is None or epoch > best[0]:
-            best = (epoch, path)
-    return None if best is None else best[1]
+    checkpoints = run_checkpoints(run_dir)
+    return checkpoints[-1][2] if checkpoints else None

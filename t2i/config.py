@@ -21,8 +21,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    # Prepared dataset folder (holds manifest.json). "" = the built-in shapes set,
-    # prepared once and cached under `cache_dir`.
+    # Prepared dataset folder or URI (s3://bucket/f8k) holding manifest.json. "" = the
+    # built-in shapes set, prepared once and cached under `cache_dir`.
     path: str = ""
     cache_dir: str = "data/cache"
     shapes_n: int = 6000           # images in the built-in shapes set when `path` is ""
@@ -65,11 +65,13 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = ""                 # run name ("" = <dataset>-<family>); the same name resumes
-    storage_path: str = "runs"     # where runs live (local folder or shared filesystem)
+    storage_path: str = "runs"     # where runs live: local folder, shared mount or URI (s3://bucket/runs)
+    assume_shared_storage: bool = False  # trust that local paths are mounted on every host (skips the check)
     epochs: int = 10
     num_workers: int = 1           # 0 = run the loop in this process (debugging)
     use_gpu: str = "auto"          # "auto" (GPU when the cluster has one), "true", "false"
     cpus_per_worker: float = 0.45  # < 1 so Ray Data's read tasks keep a CPU (2-core machines)
+    placement_strategy: str = "PACK"  # workers on as few nodes as possible; "SPREAD" over nodes
     amp: bool = True               # mixed precision, only ever on GPU
     seed: int = 0
     max_failures: int = 1          # worker-group restarts from the last checkpoint
@@ -97,6 +99,7 @@ CHOICES = {
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),
+    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 

@@ -15,8 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from t2i import storage
 from t2i.flickr8k import DatasetError
-from t2i.prepare import FORMAT, prepare_shapes, sha256_file
+from t2i.prepare import FORMAT, prepare_shapes
 from t2i.text import Vocabulary
 
 TRAIN_COLUMNS = ["image", "word_ids"]
@@ -35,36 +36,38 @@ def ensure_shapes(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
 
 
 def load_manifest(root: str | Path, verify_checksums: bool = True) -> dict:
-    """Read and check a prepared dataset: manifest present, every shard there and intact."""
-    root = Path(root)
-    if not root.is_dir():
+    """Read and check a prepared dataset (a folder or a URI such as ``s3://bucket/f8k``):
+    manifest present, every shard there and intact."""
+    root = storage.absolute(root)
+    if not storage.is_dir(root):
         raise DatasetError(f"data folder not found: {root}")
-    path = root / "manifest.json"
-    if not path.is_file():
-        contents = ", ".join(sorted(p.name for p in root.iterdir())[:5]) or "it is empty"
+    path = storage.join(root, "manifest.json")
+    if not storage.is_file(path):
+        contents = ", ".join(storage.list_names(root)[:5]) or "it is empty"
         raise DatasetError(f"{path} not found ({contents}); prepare the data first: "
                            "python -m t2i prepare flickr8k --src DIR --out DIR")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
     if manifest.get("format") != FORMAT:
         raise DatasetError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
     for split, info in manifest["splits"].items():
         for shard in info["shards"]:
-            file = root / shard["file"]
-            if not file.is_file():
+            file = storage.join(root, shard["file"])
+            found = storage.size(file)
+            if found is None:
                 raise DatasetError(f"manifest/shard mismatch: {file} is listed for {split} but missing")
-            if file.stat().st_size != shard["bytes"]:
-                raise DatasetError(f"manifest/shard mismatch: {file} has {file.stat().st_size} bytes, "
+            if found != shard["bytes"]:
+                raise DatasetError(f"manifest/shard mismatch: {file} has {found} bytes, "
                                    f"manifest says {shard['bytes']} (truncated or replaced?)")
-            if verify_checksums and sha256_file(file) != shard["sha256"]:
+            if verify_checksums and storage.sha256(file) != shard["sha256"]:
                 raise DatasetError(f"checksum mismatch for {file}: the shard changed after preparation")
     return manifest
 
 
 def load_vocabulary(root: str | Path) -> Vocabulary:
-    table = pq.read_table(Path(root) / "vocab.parquet")
+    table = pq.read_table(storage.join(storage.absolute(root), "vocab.parquet"))
     vectors = table.column("vector").combine_chunks()
     dim = vectors.type.list_size
     return Vocabulary(table.column("word").to_pylist(),
@@ -74,7 +77,8 @@ def load_vocabulary(root: str | Path) -> Vocabulary:
 def shard_paths(root: str | Path, manifest: dict, split: str) -> list[str]:
     if split not in manifest["splits"]:
         raise DatasetError(f"split {split!r} not in {root}; it has {sorted(manifest['splits'])}")
-    files = [str(Path(root) / s["file"]) for s in manifest["splits"][split]["shards"]]
+    root = storage.absolute(root)
+    files = [storage.join(root, s["file"]) for s in manifest["splits"][split]["shards"]]
     if not files:
         raise DatasetError(f"split {split!r} of {root} has no images")
     return files

@@ -12,6 +12,7 @@ from the pixels (test and `novel` splits).
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from t2i import checkpoint as ckpt_lib
-from t2i import metrics, shapes
+from t2i import metrics, shapes, storage
 from t2i.alignment import DualEncoder, r_precision, to_float, train_dual_encoder
 from t2i.data import load_manifest, load_vocabulary, read_split_arrays
 from t2i.flickr8k import DatasetError
@@ -71,19 +72,24 @@ def knn_baseline(train: dict, query_embeddings: np.ndarray, k: int = KNN, batch:
     return out
 
 
-def load_or_train_judge(root: Path, manifest: dict, train: dict, vocab, log=print) -> DualEncoder:
+def load_or_train_judge(root: str, manifest: dict, train: dict, vocab, log=print) -> DualEncoder:
     """The alignment judge for this prepared dataset, trained once and cached beside it."""
-    path = root / JUDGE_FILE
+    path = storage.join(root, JUDGE_FILE)
     fingerprint = "".join(s["sha256"] for s in manifest["splits"]["train"]["shards"])
-    if path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    if storage.is_file(path):
+        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
         if state.get("fingerprint") == fingerprint:
             judge = DualEncoder(vocab.vectors)
             judge.load_state_dict(state["model"])
             return judge.eval()
     log("training the alignment judge on the train split (cached afterwards)")
     judge = train_dual_encoder(train["images"], train["word_ids"], train["caption_image"], vocab.vectors, log=log)
-    torch.save({"fingerprint": fingerprint, "model": judge.state_dict()}, path)
+    buffer = io.BytesIO()
+    torch.save({"fingerprint": fingerprint, "model": judge.state_dict()}, buffer)
+    try:
+        storage.write_bytes(path, buffer.getvalue())
+    except OSError as exc:  # a read-only dataset folder: evaluation still works, uncached
+        log(f"could not cache the alignment judge at {path}: {exc}")
     return judge
 
 
@@ -117,7 +123,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
              samples: int = 3, seed: int = 0, max_pairs: int = 0, log=print) -> dict:
     started = time.perf_counter()
     loaded = ckpt_lib.load(checkpoint)
-    root = Path(data)
+    root = storage.absolute(data)
     manifest = load_manifest(root)
     is_shapes = manifest["dataset"] == "shapes"
     vocab = load_vocabulary(root)

@@ -13,7 +13,6 @@ sibling temp folder and renamed into place only when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
-from t2i import flickr8k, shapes
+from t2i import flickr8k, shapes, storage
 from t2i.flickr8k import DatasetError, SkipLog
 from t2i.text import UnknownCaptionError, Vocabulary, describe_source, load_glove, vocabulary_for
 
@@ -86,20 +85,12 @@ class ShardWriter:
         # Images are raw bytes that compress poorly with zstd level 1 but cost little to try.
         pq.write_table(table, path, compression="zstd", compression_level=1)
         self.shards.append({"file": rel, "rows": len(self.rows), "bytes": path.stat().st_size,
-                            "sha256": sha256_file(path)})
+                            "sha256": storage.sha256(path)})
         self.rows = []
 
     def summary(self) -> dict:
         self.flush()
         return {"images": self.images, "captions": self.captions, "shards": self.shards}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager

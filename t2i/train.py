@@ -3,8 +3,9 @@
 ``fit(cfg)`` runs on the driver: it resolves the data, builds the Ray Datasets, checks any
 checkpoint it would resume from, and runs a ``TorchTrainer``. Each worker runs
 ``train_func``, a plain epoch loop over the pure ``train_step`` and ``evaluate``;
-rank 0 writes a checkpoint (and a sample grid) every epoch. Re-running with the same
-``train.name`` and ``train.storage_path`` resumes from the latest checkpoint.
+rank 0 writes a checkpoint, a sample grid and the run's metrics files every epoch.
+Re-running with the same ``train.name`` and ``train.storage_path`` resumes from the latest
+checkpoint. Data and runs may live in a local folder or at a URI (``t2i.storage``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from ray.train.torch import TorchTrainer
 
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
+from t2i import monitor, storage
 from t2i.config import Config, OptimConfig
 from t2i.data import build_datasets, ensure_shapes, load_manifest, load_vocabulary, to_model_inputs
 from t2i.generate import render_prompts
@@ -106,7 +108,7 @@ def means(prefix: str, sums: torch.Tensor) -> dict[str, float]:
 # ----------------------------------------------------------------------------- per worker
 def train_func(loop_config: dict) -> None:
     cfg = config_lib.from_dict(loop_config["cfg"])
-    run_dir = Path(loop_config["run_dir"])
+    run_dir = loop_config["run_dir"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed * 1000 + rank)
@@ -124,7 +126,7 @@ def train_func(loop_config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             resumed = ckpt_lib.read_state(folder)
-    elif run_dir.is_dir() and (latest := ckpt_lib.latest_in_run(run_dir)):
+    elif latest := ckpt_lib.latest_in_run(run_dir):
         # Ray offers none in local mode (num_workers=0), nor when its snapshot of the run's
         # checkpoint list is missing; our model.pt files on disk still say where we were.
         resumed = ckpt_lib.read_state(latest)
@@ -132,6 +134,7 @@ def train_func(loop_config: dict) -> None:
         model.load_state_dict(resumed["model"])
         start_epoch = resumed["epoch"] + 1
     model = ray.train.torch.prepare_model(model)
+    _record_placement(run_dir, rank, device)
     raw_model = getattr(model, "module", model)
     optimizer = make_optimizer(model.parameters(), cfg.optim)
     scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.epochs)
@@ -180,13 +183,30 @@ def local_mode(cfg: Config) -> bool:
     return cfg.train.num_workers == 0
 
 
-def _fault_drill(fail_epoch: int, epoch: int, rank: int, run_dir: Path) -> None:
+def _fault_drill(fail_epoch: int, epoch: int, rank: int, run_dir: str) -> None:
     """Raise once in ``fail_epoch`` (marker file in the run dir) to exercise max_failures."""
-    marker = run_dir / ".fault_drill_done"
-    if epoch == fail_epoch and rank == 0 and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"injected failure at epoch {epoch}\n")
+    marker = storage.join(run_dir, ".fault_drill_done")
+    if epoch == fail_epoch and rank == 0 and not storage.is_file(marker):
+        storage.write_text(marker, f"injected failure at epoch {epoch}\n")
         raise RuntimeError(f"fault drill: injected worker failure at epoch {epoch}")
+
+
+def _record_placement(run_dir: str, rank: int, device) -> None:
+    """Where each worker of this attempt runs, appended to ``workers.json`` by rank 0: after a
+    node loss the run's history shows the worker group moving."""
+    here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+            "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "device": str(device)}
+    everyone = [here]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        everyone = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everyone, here)
+    if rank != 0:
+        return
+    path = storage.join(run_dir, "workers.json")
+    attempts = json.loads(storage.read_text(path)) if storage.is_file(path) else []
+    attempts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "workers": everyone})
+    storage.write_text(path, json.dumps(attempts, indent=1))
+    print(f"workers on nodes: {sorted({w['node_id'][:12] for w in everyone})}")
 
 
 def _report(metrics, rank, raw_model, optimizer, scheduler, cfg, vocab, loop_config, run_dir, epoch) -> None:
@@ -196,26 +216,28 @@ def _report(metrics, rank, raw_model, optimizer, scheduler, cfg, vocab, loop_con
             ckpt_lib.save(folder, model=raw_model, cfg=cfg, vocab=vocab, epoch=epoch, metrics=metrics,
                           optimizer=optimizer, scheduler=scheduler, data=loop_config["data_info"])
             grid = render_prompts(raw_model, vocab, loop_config["prompts"], cfg.data.samples_per_prompt,
-                                  loop_config["max_words"], cfg.train.seed, run_dir / "samples" / f"epoch_{epoch:03d}.png")
-            shutil.copy(grid, Path(folder) / "samples.png")
+                                  loop_config["max_words"], cfg.train.seed, Path(folder) / "samples.png")
+            storage.upload(grid, storage.join(run_dir, "samples", f"epoch_{epoch:03d}.png"))
+            monitor.record_epoch(run_dir, metrics)
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             if local_mode(cfg):  # Ray persists nothing in local mode: keep every epoch ourselves
-                shutil.copytree(folder, run_dir / f"checkpoint_local_epoch{epoch:04d}", dirs_exist_ok=True)
+                storage.copy_dir(folder, storage.join(run_dir, f"checkpoint_local_epoch{epoch:04d}"))
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
 # ----------------------------------------------------------------------------- driver
-def resolve_data(cfg: Config) -> Path:
+def resolve_data(cfg: Config) -> str:
+    """The prepared dataset's absolute location (folder or URI)."""
     if cfg.data.path:
-        return Path(cfg.data.path).resolve()
-    return ensure_shapes(cfg.data.cache_dir, cfg.data.shapes_n, seed=0).resolve()
+        return storage.absolute(cfg.data.path)
+    return storage.absolute(ensure_shapes(cfg.data.cache_dir, cfg.data.shapes_n, seed=0))
 
 
 def run_name(cfg: Config, manifest: dict) -> str:
     return cfg.train.name or f"{manifest['dataset']}-{cfg.model.family}"
 
 
-def loop_config_for(cfg: Config, data_root: Path, manifest: dict, run_dir: Path) -> dict:
+def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str) -> dict:
     vocab = load_vocabulary(data_root)
     prompts = cfg.data.prompts or manifest.get("prompts") or []
     usable = []
@@ -233,9 +255,9 @@ def loop_config_for(cfg: Config, data_root: Path, manifest: dict, run_dir: Path)
     }
 
 
-def check_resume(run_dir: Path, cfg: Config) -> dict | None:
+def check_resume(run_dir: str, cfg: Config) -> dict | None:
     """Fail before Ray starts if the run we would resume is broken or built differently."""
-    latest = ckpt_lib.latest_in_run(run_dir) if run_dir.is_dir() else None
+    latest = ckpt_lib.latest_in_run(run_dir)
     if latest is None:
         return None
     state = ckpt_lib.read_state(latest)
@@ -258,20 +280,25 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
             raise config_lib.ConfigError(f"data.eval_splits: {split!r} not in {data_root} "
                                          f"(has {sorted(manifest['splits'])})")
     name = run_name_override or run_name(cfg, manifest)
-    storage = Path(storage_override or cfg.train.storage_path).resolve()
-    run_dir = storage / name
+    storage_root = storage.absolute(storage_override or cfg.train.storage_path)
+    check_cluster_storage(cfg, {"data.path": data_root, "train.storage_path": storage_root})
+    run_dir = storage.join(storage_root, name)
     check_resume(run_dir, cfg)
+    # The dashboard's Train view lists runs only when this is set in the driver (read there).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpu = use_gpu(cfg)
-    resources = None if gpu else {"CPU": cfg.train.cpus_per_worker}
+    # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
+    resources = {"CPU": cfg.train.cpus_per_worker}
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config_for(cfg, data_root, manifest, run_dir),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.train.placement_strategy),
         datasets=build_datasets(data_root, manifest, cfg.data.eval_splits, cfg.train.data_cpu_limit),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),
         run_config=RunConfig(
-            name=name, storage_path=str(storage), callbacks=list(callbacks),
+            name=name, storage_path=storage_root, callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=max(1, cfg.train.keep_best),
                                                checkpoint_score_attribute=METRIC, checkpoint_score_order="min"),
@@ -304,24 +331,35 @@ class ExactEvalDataConfig(DataConfig):
         return output
 
 
-def summarize(run_dir: Path, error: Exception | None = None) -> dict:
+def summarize(run_dir: str, error: Exception | None = None) -> dict:
     """The JSON a job prints last, read from the run directory: where things are and the
     metrics of the latest epoch (also right when the run had finished before)."""
-    states = []
-    for path in run_dir.glob("checkpoint_*/" + ckpt_lib.FILENAME):
-        state = ckpt_lib.read_state(path)
-        states.append((state["epoch"], state["metrics"].get(METRIC, math.inf), path))
-    latest = max(states, key=lambda s: s[0]) if states else None
-    best = min(states, key=lambda s: (s[1], -s[0])) if states else None
+    checkpoints = ckpt_lib.run_checkpoints(run_dir)
+    latest = checkpoints[-1] if checkpoints else None
+    best = min(checkpoints, key=lambda c: (c[1].get(METRIC, math.inf), -c[0])) if checkpoints else None
     return {
         "run_dir": str(run_dir),
-        "best_checkpoint": str(best[2]) if best else None,
-        "latest_checkpoint": str(latest[2]) if latest else None,
-        "samples": str(run_dir / "samples"),
+        "best_checkpoint": best[2] if best else None,
+        "latest_checkpoint": latest[2] if latest else None,
+        "samples": storage.join(run_dir, "samples"),
+        "metrics_csv": storage.join(run_dir, monitor.METRICS_CSV),
+        "loss_curve": storage.join(run_dir, monitor.LOSS_CURVE),
         "epochs_done": latest[0] + 1 if latest else 0,
-        "metrics": ckpt_lib.read_state(latest[2])["metrics"] if latest else {},
+        "metrics": latest[1] if latest else {},
         "error": str(error) if error else None,
     }
+
+
+def check_cluster_storage(cfg: Config, locations: dict[str, str]) -> None:
+    """Refuse node-local paths on a cluster spread over several hosts (see t2i.storage)."""
+    if cfg.train.assume_shared_storage or not ray.is_initialized():
+        return
+    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    for what, location in locations.items():
+        local_path = location.removeprefix("file://")
+        problem = storage.node_local_problem(location, what, hosts, storage.mount_fs_type(local_path))
+        if problem:
+            raise config_lib.ConfigError(problem)
 
 
 def fit(cfg: Config) -> dict:

@@ -11,6 +11,7 @@ poor trials early on the target metric. The sweep lives in
 from __future__ import annotations
 
 import csv
+import io
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -23,6 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from t2i import config as config_lib
+from t2i import storage
 from t2i.config import Config, ConfigError
 from t2i.train import make_trainer, resolve_data, summarize
 
@@ -145,8 +147,8 @@ def trial_driver(params: dict) -> None:
     trainer.fit()
 
 
-def sweep_dir(search: SearchConfig, base: Config) -> Path:
-    return Path(base.train.storage_path).resolve() / search.name
+def sweep_dir(search: SearchConfig, base: Config) -> str:
+    return storage.join(storage.absolute(base.train.storage_path), search.name)
 
 
 def run(search: SearchConfig, base: Config) -> dict:
@@ -157,16 +159,16 @@ def run(search: SearchConfig, base: Config) -> dict:
     # Trials run in their own working dirs: hand them absolute paths, and prepare the
     # built-in data once here rather than in every trial.
     base = config_lib.from_dict(base.to_dict())
-    base.data.path = str(resolve_data(base))
-    base.train.storage_path = str(Path(base.train.storage_path).resolve())
+    base.data.path = resolve_data(base)
+    base.train.storage_path = storage.absolute(base.train.storage_path)
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # the driver itself is idle
-    if tune.Tuner.can_restore(str(root)):
+    if tune.Tuner.can_restore(root):
         print(f"resuming sweep {root}")
-        tuner = tune.Tuner.restore(str(root), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
         scheduler = ASHAScheduler(max_t=base.train.epochs, grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
-        param_space = {"base": base.to_dict(), "trials_dir": str(root / "trials"), "hp": build_space(search)}
+        param_space = {"base": base.to_dict(), "trials_dir": storage.join(root, "trials"), "hp": build_space(search)}
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler,
@@ -174,13 +176,13 @@ def run(search: SearchConfig, base: Config) -> dict:
                                         max_concurrent_trials=search.max_concurrent_trials,
                                         search_alg=tune.search.BasicVariantGenerator(
                                             random_state=search.seed, max_concurrent=search.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=search.name, storage_path=str(root.parent)),
+            run_config=tune.RunConfig(name=search.name, storage_path=base.train.storage_path),
         )
     grid = tuner.fit()
     return report(grid, search, base, root)
 
 
-def report(grid, search: SearchConfig, base: Config, root: Path) -> dict:
+def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     rows = []
     for result in grid:
         history = result.metrics_dataframe
@@ -194,29 +196,30 @@ def report(grid, search: SearchConfig, base: Config, root: Path) -> dict:
             reason = "stopped early (ASHA)"
         else:
             reason = "completed"
-        trial_id = result.metrics.get("trial_id") if result.metrics else Path(result.path).name
+        trial_id = result.metrics.get("trial_id") if result.metrics else storage.name(result.path)
         rows.append({"trial": f"trial_{trial_id}", **hp, f"best_{search.metric}": best,
                      "epochs": epochs, "stop_reason": reason})
     sign = 1 if search.mode == "min" else -1
     rows.sort(key=lambda r: (math.isnan(r[f"best_{search.metric}"]), sign * r[f"best_{search.metric}"]))
-    table = root / "results.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    table = storage.join(root, "results.csv")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    storage.write_text(table, text.getvalue())
     print_table(rows)
     best_row = rows[0]
     best_cfg = config_lib.from_dict(base.to_dict())
     for key in search.space:
         config_lib.apply(best_cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: best_row[key]}})
     best_cfg.train.name = f"{search.name}-best"
-    best_path = root / "best_config.toml"
-    best_path.write_text(f"# Best trial {best_row['trial']} of sweep {search.name} "
+    best_path = storage.join(root, "best_config.toml")
+    storage.write_text(best_path, f"# Best trial {best_row['trial']} of sweep {search.name} "
                          f"({search.metric} = {best_row[f'best_{search.metric}']:.6g}).\n"
                          f"# Retrain: python train_job.py --config {best_path}\n" + config_lib.dumps(best_cfg))
-    trial_run = summarize(root / "trials" / best_row["trial"])
-    return {"sweep_dir": str(root), "table": str(table), "best_trial": best_row["trial"],
-            "best_config_file": str(best_path), "best_hyperparameters": {k: best_row[k] for k in search.space},
+    trial_run = summarize(storage.join(root, "trials", best_row["trial"]))
+    return {"sweep_dir": root, "table": table, "best_trial": best_row["trial"],
+            "best_config_file": best_path, "best_hyperparameters": {k: best_row[k] for k in search.space},
             "metric": search.metric, "best_metric": best_row[f"best_{search.metric}"],
             "best_checkpoint": trial_run["best_checkpoint"], "trials": len(rows)}
 

@@ -1,10 +1,12 @@
 """Training on tiny shapes: loss falls, checkpoints reload, resume and fault tolerance."""
 
+import csv
 import json
 import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
@@ -67,7 +69,13 @@ def test_local_mode_loss_falls(shapes_dir, tmp_path, ray_session):
     assert summary["metrics"]["train_loss"] < first["metrics"]["train_loss"]
     assert summary["metrics"]["dev_mse"] < 0.2
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == [
-        "epoch_000.png", "epoch_001.png", "epoch_002.png"]
+        "epoch_000.png", "epoch_001.png", "epoch_002.png", "loss_curve.png"]
+    # Metrics where common tools read them: one row per epoch, same numbers as the checkpoints.
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert float(rows[-1]["dev_loss"]) == pytest.approx(summary["metrics"]["dev_loss"])
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert Image.open(summary["loss_curve"]).size[0] >= 400
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,362 @@
+"""The cluster path: configs that Ray/KubeRay accept, safe defaults, storage URIs, and a
+real two-node cluster on this machine (jobs, placement, dashboard, node loss)."""
+
+from __future__ import annotations
+
+import ast
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "cluster"))
+import local as local_cluster  # noqa: E402  (cluster/local.py)
+
+from t2i import storage  # noqa: E402
+from t2i.checkpoint import CheckpointError, read_state  # noqa: E402
+
+LAUNCHER_CONFIGS = sorted(p for p in (REPO / "cluster").glob("*.yaml") if "provider" in yaml.safe_load(p.read_text()))
+K8S_MANIFESTS = sorted((REPO / "cluster" / "k8s").glob("*.yaml"))
+RAY_PORTS = {6379, 8265, 10001}
+
+
+# ----------------------------------------------------------------------------- launcher configs
+def ray_schema() -> dict:
+    import ray.autoscaler
+
+    return json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+def validate_launcher_config(config: dict) -> None:
+    """What `ray up` checks before touching a cloud: Ray's JSON schema on the file as written,
+    then again after Ray fills in its provider defaults."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    jsonschema.validate(config, ray_schema())
+    validate_config(prepare_config(copy.deepcopy(config)))
+
+
+def test_launcher_configs_pass_rays_schema():
+    assert {p.name for p in LAUNCHER_CONFIGS} >= {"aws.yaml", "onprem.yaml"}
+    for path in LAUNCHER_CONFIGS:
+        config = yaml.safe_load(path.read_text())
+        validate_launcher_config(config)
+        assert any("requirements.txt" in c for c in config["setup_commands"]), path.name
+        assert {"data", "runs", ".venv"} <= set(config["rsync_exclude"]), path.name  # never ship Flickr8k
+    aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    workers = [t for name, t in aws["available_node_types"].items() if name != aws["head_node_type"]]
+    assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # a GPU instance family
+    # The check can fail: a typo'd key and a negative resource are rejected.
+    import jsonschema
+
+    for break_it in (lambda c: c.__setitem__("max_worker", 3),
+                     lambda c: c["available_node_types"]["head"].__setitem__("resources", {"CPU": -1})):
+        broken = copy.deepcopy(aws)
+        break_it(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_launcher_config(broken)
+
+
+# ----------------------------------------------------------------------------- KubeRay manifests
+def kuberay_problems(doc: dict) -> list[str]:
+    """Fields KubeRay's v1 CRDs require (or that t2i relies on), as readable problems."""
+    problems = []
+    kind = doc.get("kind")
+    if doc.get("apiVersion") != "ray.io/v1":
+        problems.append(f"{kind}: apiVersion must be ray.io/v1")
+    if not doc.get("metadata", {}).get("name"):
+        problems.append(f"{kind}: metadata.name missing")
+    spec = doc.get("spec") or {}
+    if kind == "RayJob":
+        if not spec.get("entrypoint"):
+            problems.append("RayJob: spec.entrypoint missing")
+        if "rayClusterSpec" not in spec and "clusterSelector" not in spec:
+            problems.append("RayJob: needs spec.rayClusterSpec or spec.clusterSelector")
+        spec = spec.get("rayClusterSpec") or {}
+    head = spec.get("headGroupSpec")
+    if not isinstance(head, dict):
+        return problems + [f"{kind}: headGroupSpec missing"]
+    if head.get("serviceType", "ClusterIP") != "ClusterIP":
+        problems.append(f"{kind}: head serviceType {head['serviceType']} exposes the unauthenticated dashboard")
+    groups = [("head", head)] + [(g.get("groupName"), g) for g in spec.get("workerGroupSpecs", [])]
+    for name, group in groups:
+        if not name:
+            problems.append(f"{kind}: a workerGroupSpec has no groupName")
+        if not isinstance(group.get("rayStartParams"), dict):
+            problems.append(f"{kind}/{name}: rayStartParams must be a mapping")
+        pod = (group.get("template") or {}).get("spec") or {}
+        containers = pod.get("containers") or []
+        if not containers:
+            problems.append(f"{kind}/{name}: template.spec.containers missing")
+        for container in containers:
+            if not container.get("name") or not container.get("image"):
+                problems.append(f"{kind}/{name}: every container needs name and image")
+            if not (container.get("resources") or {}).get("limits"):
+                problems.append(f"{kind}/{name}: container resources.limits missing")
+        if pod.get("hostNetwork"):
+            problems.append(f"{kind}/{name}: hostNetwork would expose Ray's ports on the node")
+        if name != "head":
+            low, count, high = group.get("minReplicas", 0), group.get("replicas", 0), group.get("maxReplicas", 2**31)
+            if not low <= count <= high:
+                problems.append(f"{kind}/{name}: needs minReplicas <= replicas <= maxReplicas")
+    return problems
+
+
+def k8s_docs() -> list[tuple[str, dict]]:
+    return [(p.name, d) for p in K8S_MANIFESTS for d in yaml.safe_load_all(p.read_text()) if d]
+
+
+def test_kuberay_manifests_are_complete_and_private():
+    import ray
+
+    docs = k8s_docs()
+    kinds = {d["kind"] for _, d in docs}
+    assert {"RayCluster", "RayJob", "NetworkPolicy"} <= kinds
+    for name, doc in docs:
+        if doc["kind"] in ("RayCluster", "RayJob"):
+            assert kuberay_problems(doc) == [], name
+            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            assert spec["rayVersion"] == ray.__version__, name
+            workers = spec["workerGroupSpecs"]
+            assert any("nvidia.com/gpu" in c["resources"]["limits"]
+                       for g in workers for c in g["template"]["spec"]["containers"]), f"{name}: no GPU workers"
+        if doc["kind"] == "Service":
+            assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", name
+    broken = copy.deepcopy(next(d for _, d in docs if d["kind"] == "RayCluster"))
+    del broken["spec"]["workerGroupSpecs"][0]["groupName"]
+    broken["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    assert len(kuberay_problems(broken)) == 2
+
+
+def test_rayjob_entrypoint_is_a_valid_training_command():
+    """The manifest's command line parses with train_job's own parser and config keys."""
+    import shlex
+
+    from t2i import config as config_lib
+
+    job = next(d for _, d in k8s_docs() if d["kind"] == "RayJob")
+    command = job["spec"]["entrypoint"].split("&&")[-1]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "train_job.py"]
+    config_file = REPO / argv[argv.index("--config") + 1]
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = config_lib.load(config_file, overrides)
+    assert cfg.train.num_workers == 2 and storage.is_uri(cfg.train.storage_path)
+
+
+def test_versions_agree_across_requirements_images_and_manifests():
+    import ray
+
+    pinned = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("ray["))
+    assert pinned.endswith(f"=={ray.__version__}")
+    tag = f"rayproject/ray:{ray.__version__}-py311"
+    assert tag in (REPO / "cluster" / "Dockerfile").read_text()
+    assert tag in (REPO / "cluster" / "aws.yaml").read_text()
+
+
+# ----------------------------------------------------------------------------- security defaults
+def test_nothing_listens_on_all_interfaces_by_default():
+    files = [*REPO.glob("cluster/**/*"), *REPO.glob("t2i/**/*.py"), REPO / "train_job.py", REPO / "tune_search.py"]
+    for path in files:
+        if path.is_file() and path.suffix in (".py", ".yaml", ".sh", "") and "__pycache__" not in path.parts:
+            text = path.read_text(errors="replace")
+            assert "0.0.0.0" not in text.replace("0.0.0.0/0", ""), f"{path} binds or opens 0.0.0.0"
+    for path in LAUNCHER_CONFIGS:
+        config = yaml.safe_load(path.read_text())
+        head_start = " ".join(config["head_start_ray_commands"])
+        assert "--dashboard-host=127.0.0.1" in head_start, path.name
+        for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
+            opened = set(range(rule["FromPort"], rule["ToPort"] + 1))
+            assert not opened & RAY_PORTS, f"{path.name} opens Ray's ports"
+            assert all(r["CidrIp"] != "0.0.0.0/0" for r in rule.get("IpRanges", [])), f"{path.name}: world-open"
+
+
+def test_every_torch_load_is_weights_only():
+    calls = 0
+    for path in REPO.glob("t2i/**/*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" \
+                    and getattr(node.func.value, "id", None) == "torch":
+                calls += 1
+                flags = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+                assert flags.get("weights_only") is True, f"{path}:{node.lineno} torch.load without weights_only=True"
+    assert calls >= 2
+
+
+class Payload:
+    """Stands in for a malicious object: unpickling it would run code."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    import torch
+
+    torch.save({"format": "t2i-checkpoint/1", "model": Payload()}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        read_state(tmp_path / "model.pt")
+
+
+# ----------------------------------------------------------------------------- storage
+def test_storage_functions_take_paths_and_uris(tmp_path):
+    for base in (str(tmp_path / "plain"), f"file://{tmp_path}/uri"):
+        target = storage.join(base, "a", "b.txt")
+        assert not storage.is_file(target) and storage.list_names(base) == []
+        storage.write_text(target, "hello")
+        assert storage.read_text(target) == "hello" and storage.size(target) == 5
+        assert storage.is_dir(storage.join(base, "a")) and storage.list_names(storage.join(base, "a")) == ["b.txt"]
+    assert storage.join("s3://bucket/runs?endpoint_override=x", "r", "m.pt") == "s3://bucket/runs/r/m.pt?endpoint_override=x"
+    assert storage.absolute("s3://bucket/runs/") == "s3://bucket/runs"
+
+
+def test_node_local_storage_is_refused_only_on_multi_host_clusters():
+    mounts = "/dev/sda1 / ext4 rw 0 0\nnfs:/export /mnt/shared nfs4 rw 0 0\n"
+    assert storage.mount_fs_type("/mnt/shared/runs", mounts) == "nfs4"
+    assert storage.mount_fs_type("/home/me/runs", mounts) == "ext4"
+    two_hosts = {"10.0.0.1", "10.0.0.2"}
+    problem = storage.node_local_problem("/home/me/runs", "train.storage_path", two_hosts, "ext4")
+    assert "train.storage_path" in problem and "2 hosts" in problem and "s3://" in problem
+    assert storage.node_local_problem("file:///home/me/runs", "x", two_hosts, "ext4")
+    assert storage.node_local_problem("/home/me/runs", "x", {"10.0.0.1"}, "ext4") is None  # one machine
+    assert storage.node_local_problem("/mnt/shared/runs", "x", two_hosts, "nfs4") is None
+    assert storage.node_local_problem("s3://bucket/runs", "x", two_hosts, "unknown") is None
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """An S3 API on 127.0.0.1 (moto): the real pyarrow S3 client, no cloud account."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="t2i-test")
+    yield env
+    server.stop()
+
+
+def test_train_and_generate_with_data_and_runs_in_s3(s3_server, shapes_dir, tmp_path):
+    import pyarrow.fs as pafs
+
+    s3, _ = pafs.FileSystem.from_uri("s3://t2i-test")
+    pafs.copy_files(str(shapes_dir), "t2i-test/data/shapes", source_filesystem=pafs.LocalFileSystem(),
+                    destination_filesystem=s3)
+    env = {**os.environ, **s3_server, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    job = subprocess.run(
+        [sys.executable, "train_job.py", "--smoke-test", "--data", "s3://t2i-test/data/shapes",
+         "--set", "train.storage_path=s3://t2i-test/runs", "--set", "train.name=s3run", "--set", "train.num_workers=1"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert job.returncode == 0, job.stderr[-3000:]
+    summary = json.loads(job.stdout.strip().splitlines()[-1])
+    assert summary["epochs_done"] == 2 and summary["best_checkpoint"].startswith("s3://t2i-test/runs/s3run/")
+    names = set(storage.list_names("s3://t2i-test/runs/s3run"))
+    assert {"metrics.csv", "metrics.jsonl", "workers.json", "samples"} <= names
+    assert {"epoch_000.png", "epoch_001.png", "loss_curve.png"} <= set(storage.list_names("s3://t2i-test/runs/s3run/samples"))
+    out = tmp_path / "grid.png"
+    gen = subprocess.run([sys.executable, "-m", "t2i", "generate", "--checkpoint", summary["best_checkpoint"],
+                          "--out", str(out), "a red circle"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert out.stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- a real local cluster
+def submit(dashboard: str, *args: str, wait: bool = True, submission_id: str | None = None, timeout: int = 600):
+    command = [local_cluster.ray_cli(), "job", "submit", "--address", dashboard,
+               "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", "."]
+    if submission_id:
+        command += ["--submission-id", submission_id]
+    if not wait:
+        command.append("--no-wait")
+    return subprocess.run([*command, "--", *args], cwd=REPO, env=local_cluster.node_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def job_status(dashboard: str, submission_id: str) -> str:
+    return api(dashboard, f"/api/jobs/{submission_id}")["status"]
+
+
+def api(dashboard: str, route: str):
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(dashboard + route, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(next(line for line in reversed(text.splitlines()) if line.startswith("{")))
+
+
+@pytest.fixture
+def two_node_cluster():
+    port, dashboard_port = local_cluster.free_port(), local_cluster.free_port()
+    state = Path(f"/tmp/t2i-cluster-{port}")
+    cli = [sys.executable, str(REPO / "cluster" / "local.py"), "--port", str(port)]
+    started = subprocess.run([*cli, "start", "--workers", "1", "--dashboard-port", str(dashboard_port),
+                              "--head-cpus", "2", "--worker-cpus", "1"], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield {"cli": cli, "dashboard": json.loads(started.stdout)["dashboard"],
+               "nodes": {n["name"]: n["node_id"] for n in json.loads((state / "state.json").read_text())["nodes"]}}
+    finally:
+        pids = [n["pid"] for n in json.loads((state / "state.json").read_text())["nodes"]]
+        stopped = subprocess.run([*cli, "stop", "--grace", "3"], capture_output=True, text=True, timeout=120)
+        assert json.loads(stopped.stdout)["still_running"] == [], stopped.stderr
+        assert not any(local_cluster.session_members(pid) for pid in pids)  # no process of ours is left
+
+
+def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluster, shapes_dir, tmp_path):
+    dashboard, nodes = two_node_cluster["dashboard"], two_node_cluster["nodes"]
+    assert set(nodes) == {"head", "worker1"} and all(nodes.values())
+    common = ["--data", str(shapes_dir), "--set", f"train.storage_path={tmp_path}"]
+
+    # A Tune sweep submitted as a job completes.
+    sweep = submit(dashboard, "python", "tune_search.py", "--smoke-test", *common)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-2000:]
+    assert last_json_line(sweep.stdout)["trials"] == 2
+
+    # Two workers spread over both nodes; worker node 1 dies after the first checkpoint.
+    run_dir = tmp_path / "spread"
+    submit(dashboard, "python", "train_job.py", "--smoke-test", *common, "--set", "train.name=spread",
+           "--set", "train.num_workers=2", "--set", "train.placement_strategy=SPREAD", "--set", "train.epochs=4",
+           "--set", "train.max_failures=2", wait=False, submission_id="t2i-spread")
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint_*/meta.json")):
+        assert time.monotonic() < deadline and job_status(dashboard, "t2i-spread") in ("PENDING", "RUNNING")
+        time.sleep(0.5)
+    first_attempt = json.loads((run_dir / "workers.json").read_text())[0]["workers"]
+    assert {w["node_id"] for w in first_attempt} == {nodes["head"], nodes["worker1"]}
+    killed = subprocess.run([*two_node_cluster["cli"], "kill-node", "1"], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == 0, killed.stderr
+    while (status := job_status(dashboard, "t2i-spread")) in ("PENDING", "RUNNING"):
+        assert time.monotonic() < deadline + 300, "job did not finish after the node loss"
+        time.sleep(1)
+    logs = api(dashboard, "/api/jobs/t2i-spread/logs")["logs"]
+    assert status == "SUCCEEDED", logs[-3000:]
+    assert last_json_line(logs)["error"] is None and "resumed from epoch" in logs
+    attempts = json.loads((run_dir / "workers.json").read_text())
+    assert len(attempts) >= 2 and {w["node_id"] for w in attempts[-1]["workers"]} == {nodes["head"]}
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]  # each epoch once: the restart resumed, it did not start over
+
+    # The dashboard shows both jobs and the Train runs.
+    assert {"t2i-spread"} <= {j.get("submission_id") for j in api(dashboard, "/api/jobs/")}
+    runs = api(dashboard, "/api/train/v2/runs/v1")["train_runs"]
+    assert "spread" in {r["name"] for r in runs}
