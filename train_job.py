@@ -1,7 +1,8 @@
 """Train the text-to-image VAE on Ray: `python train_job.py [--config FILE] [--set k=v ...]`.
 
 With no --data / data.path it prepares the built-in shapes set (cached) and trains on it.
-On a cluster: `ray job submit --working-dir . -- python train_job.py --data /shared/f8k`.
+On a cluster: `ray job submit --runtime-env cluster/runtime_env.yaml --working-dir . --
+python train_job.py --data s3://bucket/f8k --set train.storage_path=s3://bucket/runs` (cluster/README.md).
 The last line printed is one JSON object: run dir, best and latest checkpoints, metrics.
 """
 

@@ -233,6 +233,26 @@ def test_node_local_storage_is_refused_only_on_multi_host_clusters():
     assert storage.node_local_problem("s3://bucket/runs", "x", two_hosts, "unknown") is None
 
 
+def test_training_refuses_a_local_disk_on_a_multi_host_cluster(monkeypatch, tmp_path):
+    import ray
+
+    from t2i import config as config_lib
+    from t2i.train import check_cluster_storage
+
+    nodes = [{"Alive": True, "NodeManagerAddress": "10.0.0.1"}, {"Alive": True, "NodeManagerAddress": "10.0.0.2"}]
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(storage, "mount_fs_type", lambda path: "ext4")
+    cfg = config_lib.load(None)
+    with pytest.raises(config_lib.ConfigError, match="train.storage_path .* own disk .* 2 hosts"):
+        check_cluster_storage(cfg, {"data.path": "s3://b/f8k", "train.storage_path": str(tmp_path)})
+    check_cluster_storage(cfg, {"data.path": "s3://b/f8k", "train.storage_path": "s3://b/runs"})
+    check_cluster_storage(config_lib.load(None, ["train.assume_shared_storage=true"]),
+                          {"train.storage_path": str(tmp_path)})
+    nodes[1]["Alive"] = False  # one host left: its disk is shared by all its nodes
+    check_cluster_storage(cfg, {"train.storage_path": str(tmp_path)})
+
+
 @pytest.fixture
 def s3_server(monkeypatch):
     """An S3 API on 127.0.0.1 (moto): the real pyarrow S3 client, no cloud account."""
