@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -71,6 +72,29 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except OSError:
         return True
+
+
+def dashboard_get(dashboard: str, route: str):
+    """GET a dashboard API route with the cluster's token (Ray 2.60 token auth)."""
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
+    request = urllib.request.Request(dashboard + route, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def submit_job(dashboard: str, entrypoint: list[str], cwd: Path, wait: bool = True,
+               submission_id: str | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
+    """`ray job submit` with cluster/runtime_env.yaml and the working dir ``cwd``."""
+    command = [ray_cli(), "job", "submit", "--address", dashboard,
+               "--runtime-env", str(Path(__file__).with_name("runtime_env.yaml")), "--working-dir", str(cwd)]
+    command += ["--submission-id", submission_id] if submission_id else []
+    command += [] if wait else ["--no-wait"]
+    return subprocess.run([*command, "--", *entrypoint], cwd=cwd, env=node_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def job_status(dashboard: str, submission_id: str) -> str:
+    return dashboard_get(dashboard, f"/api/jobs/{submission_id}")["status"]
 
 
 def spawn_node(name: str, args: list[str], state_dir: Path) -> dict:

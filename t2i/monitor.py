@@ -48,6 +48,7 @@ def loss_curve_png(history: list[dict]) -> bytes:
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure  # noqa: PLC0415
+    from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     epochs = [row["epoch"] + 1 for row in history]
     splits = [key[: -len("_loss")] for key in history[-1] if key.endswith("_loss")]
@@ -60,6 +61,7 @@ def loss_curve_png(history: list[dict]) -> bytes:
     loss_axes.set(title="loss (negative ELBO per image)", xlabel="epoch")
     mse_axes.set(title="reconstruction MSE per pixel", xlabel="epoch")
     for axes in (loss_axes, mse_axes):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
         axes.legend()
     figure.tight_layout()

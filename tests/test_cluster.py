@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -298,26 +297,12 @@ def test_train_and_generate_with_data_and_runs_in_s3(s3_server, shapes_dir, tmp_
 
 
 # ----------------------------------------------------------------------------- a real local cluster
-def submit(dashboard: str, *args: str, wait: bool = True, submission_id: str | None = None, timeout: int = 600):
-    command = [local_cluster.ray_cli(), "job", "submit", "--address", dashboard,
-               "--runtime-env", "cluster/runtime_env.yaml", "--working-dir", "."]
-    if submission_id:
-        command += ["--submission-id", submission_id]
-    if not wait:
-        command.append("--no-wait")
-    return subprocess.run([*command, "--", *args], cwd=REPO, env=local_cluster.node_env(),
-                          capture_output=True, text=True, timeout=timeout)
+def submit(dashboard: str, *entrypoint: str, wait: bool = True, submission_id: str | None = None):
+    return local_cluster.submit_job(dashboard, list(entrypoint), REPO, wait=wait, submission_id=submission_id)
 
 
-def job_status(dashboard: str, submission_id: str) -> str:
-    return api(dashboard, f"/api/jobs/{submission_id}")["status"]
-
-
-def api(dashboard: str, route: str):
-    token = (Path.home() / ".ray" / "auth_token").read_text().strip()
-    request = urllib.request.Request(dashboard + route, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+job_status = local_cluster.job_status
+api = local_cluster.dashboard_get
 
 
 def last_json_line(text: str) -> dict:
