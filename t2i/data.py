@@ -156,7 +156,8 @@ def read_split_arrays(root: str | Path, manifest: dict, split: str, attributes: 
     columns = ["image", "word_ids", "embeddings", "captions"]
     if attributes:
         columns += ["color", "shape", "size", "position"]
-    table = pq.read_table(shard_paths(root, manifest, split), columns=columns)
+    filesystem, paths = storage.filesystem_and_paths(shard_paths(root, manifest, split))
+    table = pq.read_table(paths, columns=columns, filesystem=filesystem)
     offsets, ids = _caption_rows(table.column("word_ids"))
     emb_offsets, emb = _caption_rows(table.column("embeddings"))
     counts = np.diff(offsets)

@@ -62,6 +62,13 @@ def _resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
 
 
+def filesystem_and_paths(locations: list[str]) -> tuple[pafs.FileSystem, list[str]]:
+    """One filesystem and its own paths for several locations on it (pyarrow readers
+    take a list of plain paths plus a filesystem, not a list of URIs)."""
+    fs, _ = _resolve(locations[0])
+    return fs, [_resolve(location)[1] for location in locations]
+
+
 def _info(location: str | Path) -> pafs.FileInfo:
     fs, path = _resolve(location)
     return fs.get_file_info(path)

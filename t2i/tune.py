@@ -26,7 +26,7 @@ from ray.tune.schedulers import ASHAScheduler
 from t2i import config as config_lib
 from t2i import storage
 from t2i.config import Config, ConfigError
-from t2i.train import make_trainer, resolve_data, summarize
+from t2i.train import check_cluster_storage, make_trainer, resolve_data, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCH_METRICS = ("loss", "mse", "kl")
@@ -161,6 +161,7 @@ def run(search: SearchConfig, base: Config) -> dict:
     base = config_lib.from_dict(base.to_dict())
     base.data.path = resolve_data(base)
     base.train.storage_path = storage.absolute(base.train.storage_path)
+    check_cluster_storage(base, {"data.path": base.data.path, "train.storage_path": base.train.storage_path})
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # the driver itself is idle
     if tune.Tuner.can_restore(root):
         print(f"resuming sweep {root}")

@@ -52,6 +52,9 @@ def test_launcher_configs_pass_rays_schema():
         validate_launcher_config(config)
         assert any("requirements.txt" in c for c in config["setup_commands"]), path.name
         assert {"data", "runs", ".venv"} <= set(config["rsync_exclude"]), path.name  # never ship Flickr8k
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    assert {"data", "runs", ".venv", ".git"} <= set(runtime_env["excludes"])  # job uploads: code only
+    assert set(runtime_env) <= {"excludes", "env_vars"}  # the working dir comes from --working-dir
     aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     workers = [t for name, t in aws["available_node_types"].items() if name != aws["head_node_type"]]
     assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # a GPU instance family
@@ -294,6 +297,12 @@ def test_train_and_generate_with_data_and_runs_in_s3(s3_server, shapes_dir, tmp_
                          timeout=300)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert out.stat().st_size > 0
+    ev = subprocess.run([sys.executable, "-m", "t2i", "evaluate", "--checkpoint", summary["best_checkpoint"],
+                         "--data", "s3://t2i-test/data/shapes", "--samples", "1", "--max-pairs", "40"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert json.loads(ev.stdout)["splits"]["test"]["results"]["model_mean"]["mse"] > 0
+    assert storage.is_file("s3://t2i-test/data/shapes/alignment_judge.pt")  # cached beside the data
 
 
 # ----------------------------------------------------------------------------- a real local cluster
