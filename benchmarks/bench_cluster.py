@@ -71,7 +71,7 @@ def main() -> None:
             hit = run_job(dashboard, data, runs, "node-lost", args.epochs, [*cli, "kill-node", "1"])
         finally:
             t0 = time.monotonic()
-            subprocess.run([*cli, "stop"], capture_output=True, check=True)
+            subprocess.run([*cli, "stop", "--remove"], capture_output=True, check=True)
             stop_s = time.monotonic() - t0
     print(f"cluster start (head + 1 worker node): {start_s:.1f} s   stop: {stop_s:.1f} s")
     print(f"2-worker job, {args.epochs} epochs, {args.images} images: undisturbed {calm[0]:.1f} s "

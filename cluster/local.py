@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -245,6 +246,8 @@ def stop(args) -> dict:
     left = [n["name"] for n in state["nodes"] if _node_alive(n)]
     if not left:
         state_path(state_dir).unlink()
+        if args.remove:  # logs and session files of every node
+            shutil.rmtree(state_dir, ignore_errors=True)
     return {"stopped": [n["name"] for n in state["nodes"]], "still_running": left}
 
 
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     down = commands.add_parser("stop", help="stop the nodes started by `start` (and only those)")
     down.add_argument("--grace", type=float, default=10,
                       help="seconds Ray may drain each node after SIGTERM before SIGKILL")
+    down.add_argument("--remove", action="store_true", help="also delete the nodes' logs and temp dirs")
     down.set_defaults(run=stop)
     args = parser.parse_args(argv)
     print(json.dumps(args.run(args)))

@@ -331,9 +331,11 @@ def two_node_cluster():
                "nodes": {n["name"]: n["node_id"] for n in json.loads((state / "state.json").read_text())["nodes"]}}
     finally:
         pids = [n["pid"] for n in json.loads((state / "state.json").read_text())["nodes"]]
-        stopped = subprocess.run([*cli, "stop", "--grace", "3"], capture_output=True, text=True, timeout=120)
+        stopped = subprocess.run([*cli, "stop", "--grace", "3", "--remove"], capture_output=True, text=True,
+                                 timeout=120)
         assert json.loads(stopped.stdout)["still_running"] == [], stopped.stderr
         assert not any(local_cluster.session_members(pid) for pid in pids)  # no process of ours is left
+        assert not state.exists()
 
 
 def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluster, shapes_dir, tmp_path):
