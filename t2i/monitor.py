@@ -9,7 +9,6 @@ run drops the rows of epochs it is about to redo, so each epoch appears once.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 
@@ -32,12 +31,7 @@ def record_epoch(run_dir: str, metrics: dict) -> list[dict]:
     history = [row for row in read_history(run_dir) if row.get("epoch", -1) < metrics["epoch"]]
     history.append(dict(metrics))
     storage.write_text(storage.join(run_dir, METRICS_JSONL), "".join(json.dumps(r) + "\n" for r in history))
-    columns = list(dict.fromkeys(key for row in history for key in row))
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    storage.write_text(storage.join(run_dir, METRICS_CSV), table.getvalue())
+    storage.write_csv(storage.join(run_dir, METRICS_CSV), history)
     storage.write_bytes(storage.join(run_dir, LOSS_CURVE), loss_curve_png(history))
     return history
 

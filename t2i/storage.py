@@ -15,10 +15,11 @@ On a cluster whose nodes sit on several hosts, every node must see the same file
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -148,14 +149,14 @@ def copy_dir(local_dir: str | Path, location: str | Path) -> str:
     return str(location)
 
 
-def local_copy(location: str | Path, suffix: str = "") -> tuple[Path, bool]:
-    """(a local path with the file's bytes, whether it is a temporary copy to delete)."""
-    if not is_uri(location):
-        return Path(location), False
-    handle, tmp = tempfile.mkstemp(suffix=suffix, prefix="t2i-")
-    with os.fdopen(handle, "wb") as out:
-        out.write(read_bytes(location))
-    return Path(tmp), True
+def write_csv(location: str | Path, rows: list[dict]) -> str:
+    """A table with a header; columns are every key of the rows, in first-seen order."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text(location, text.getvalue())
 
 
 # ----------------------------------------------------------------------------- multi-node check

@@ -366,10 +366,10 @@ def fit(cfg: Config) -> dict:
     """Train (or resume) the run described by ``cfg``; returns :func:`summarize`'s dict."""
     if not ray.is_initialized():
         ray.init()
-    trainer, run_dir = make_trainer(cfg)
-    done = check_resume(run_dir, cfg)
-    if done and done["epoch"] + 1 >= cfg.train.epochs:
-        print(f"{run_dir} already finished epoch {done['epoch']}; raise train.epochs to train longer")
+    trainer, run_dir = make_trainer(cfg)  # has already checked the checkpoint it would resume
+    checkpoints = ckpt_lib.run_checkpoints(run_dir)  # epochs from meta.json: no second weights read
+    if checkpoints and checkpoints[-1][0] + 1 >= cfg.train.epochs:
+        print(f"{run_dir} already finished epoch {checkpoints[-1][0]}; raise train.epochs to train longer")
         return summarize(run_dir)
     try:
         result = trainer.fit()

@@ -10,8 +10,6 @@ poor trials early on the target metric. The sweep lives in
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -202,12 +200,7 @@ def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
                      "epochs": epochs, "stop_reason": reason})
     sign = 1 if search.mode == "min" else -1
     rows.sort(key=lambda r: (math.isnan(r[f"best_{search.metric}"]), sign * r[f"best_{search.metric}"]))
-    table = storage.join(root, "results.csv")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    storage.write_text(table, text.getvalue())
+    table = storage.write_csv(storage.join(root, "results.csv"), rows)
     print_table(rows)
     best_row = rows[0]
     best_cfg = config_lib.from_dict(base.to_dict())
@@ -216,8 +209,8 @@ def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     best_cfg.train.name = f"{search.name}-best"
     best_path = storage.join(root, "best_config.toml")
     storage.write_text(best_path, f"# Best trial {best_row['trial']} of sweep {search.name} "
-                         f"({search.metric} = {best_row[f'best_{search.metric}']:.6g}).\n"
-                         f"# Retrain: python train_job.py --config {best_path}\n" + config_lib.dumps(best_cfg))
+                                  f"({search.metric} = {best_row[f'best_{search.metric}']:.6g}).\n"
+                                  f"# Retrain: python train_job.py --config {best_path}\n" + config_lib.dumps(best_cfg))
     trial_run = summarize(storage.join(root, "trials", best_row["trial"]))
     return {"sweep_dir": root, "table": table, "best_trial": best_row["trial"],
             "best_config_file": best_path, "best_hyperparameters": {k: best_row[k] for k in search.space},
