@@ -30,9 +30,8 @@ import torch  # noqa: E402
 
 from t2i import config as config_lib, storage  # noqa: E402
 from t2i.data import load_manifest, load_vocabulary, read_split_arrays  # noqa: E402
-from t2i.models import build_model  # noqa: E402
+from t2i.families import make_family  # noqa: E402
 from t2i.prepare import prepare_shapes, write_manifest  # noqa: E402
-from t2i.train import make_optimizer, train_step  # noqa: E402
 
 
 def plain_steps_per_s(cfg, root, manifest, steps: int = 40) -> tuple[float, float]:
@@ -44,20 +43,20 @@ def plain_steps_per_s(cfg, root, manifest, steps: int = 40) -> tuple[float, floa
     ids = torch.as_tensor(data["word_ids"][first]).long()
     vocab = load_vocabulary(root)
     torch.manual_seed(0)
-    model = build_model(cfg.model, vocab.vectors)
-    opt = make_optimizer(model.parameters(), cfg.optim)
+    family = make_family(cfg, vocab.vectors)
+    family.wrap(lambda net: net)  # no DDP in a plain loop
     b = cfg.data.batch_size
     batches = [(images[i: i + b], ids[i: i + b]) for i in range(0, len(images) - b + 1, b)]
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
     with FlopCounterMode(display=False) as counter:
-        train_step(model, *batches[0], opt, 1.0, 0.0, 5.0)
+        family.train_step(*batches[0], epoch_progress=1.0)
     flops = counter.get_total_flops()
     for x, y in batches[:3]:  # warm-up
-        train_step(model, x, y, opt, 1.0, 0.0, 5.0)
+        family.train_step(x, y, epoch_progress=1.0)
     start = time.perf_counter()
     for i in range(steps):
-        train_step(model, *batches[i % len(batches)], opt, 1.0, 0.0, 5.0)
+        family.train_step(*batches[i % len(batches)], epoch_progress=1.0)
     return steps / (time.perf_counter() - start), flops
 
 

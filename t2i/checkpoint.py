@@ -1,5 +1,7 @@
-"""Checkpoints: one ``model.pt`` holding config + vocabulary + weights + optimizer and
-scheduler state + epoch + metrics, so generation rebuilds the model from the file alone.
+"""Checkpoints: one ``model.pt`` holding config + vocabulary + the generator's weights
+(``model``) + the rest of the training state (``training``: other networks such as a GAN's
+discriminator, every optimizer and scheduler, from ``t2i.families``) + epoch + metrics, so
+generation rebuilds the model from the file alone.
 
 Loaded with ``torch.load(weights_only=True)``: only tensors and plain containers, never
 arbitrary pickled objects. Each checkpoint folder also holds ``meta.json`` (epoch +
@@ -19,10 +21,12 @@ import torch
 
 from t2i import config as config_lib
 from t2i import storage
-from t2i.models import TextToImageVAE, build_model
+from t2i.models import TextToImage, build_model
 from t2i.text import Vocabulary
 
-FORMAT = "t2i-checkpoint/1"
+FORMAT = "t2i-checkpoint/2"
+# /1 (before model families had their own training state) still loads for generation.
+READABLE_FORMATS = ("t2i-checkpoint/1", FORMAT)
 FILENAME = "model.pt"
 META = "meta.json"
 
@@ -33,7 +37,7 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedCheckpoint:
-    model: TextToImageVAE
+    model: TextToImage
     vocab: Vocabulary
     config: config_lib.Config
     state: dict  # the raw dict: optimizer, scheduler, epoch, metrics, data
@@ -45,7 +49,7 @@ def state_dict_of(model: torch.nn.Module) -> dict:
 
 
 def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vocab: Vocabulary,
-         epoch: int, metrics: dict, optimizer=None, scheduler=None, data: dict | None = None) -> Path:
+         epoch: int, metrics: dict, training: dict | None = None, data: dict | None = None) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / FILENAME
@@ -54,8 +58,7 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
         "config": cfg.to_dict(),
         "vocab": list(vocab.words),
         "model": state_dict_of(model),
-        "optimizer": optimizer.state_dict() if optimizer is not None else {},
-        "scheduler": scheduler.state_dict() if scheduler is not None else {},
+        "training": training or {"networks": {}, "optimizers": {}, "schedulers": {}},
         "epoch": int(epoch),
         "metrics": {k: float(v) for k, v in metrics.items()},
         "data": data or {},
@@ -64,7 +67,7 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
     torch.save(state, tmp)
     tmp.replace(path)  # never leave a half-written model.pt behind
     (path.parent / META).write_text(json.dumps({"format": FORMAT, "epoch": state["epoch"],
-                                                "metrics": state["metrics"]}))
+                                                "metrics": state["metrics"], "data": state["data"]}))
     return path
 
 
@@ -88,7 +91,7 @@ def read_state(path: str | Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not a t2i checkpoint (expected format {FORMAT!r})")
     return state
 
@@ -109,6 +112,10 @@ def load(path: str | Path) -> LoadedCheckpoint:
 
 def check_compatible(state: dict, cfg: config_lib.Config, where: str) -> None:
     """Resuming needs the same model; anything else would silently reinitialise layers."""
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"{where} was written by an older t2i ({state.get('format')}) and has no "
+                              "training state to resume from; use a new train.name (it still works for "
+                              "generate and evaluate)")
     saved = state["config"]["model"]
     wanted = cfg.to_dict()["model"]
     diffs = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
@@ -134,6 +141,12 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int, dict, str]]:
             continue  # a folder Ray is still uploading, or an unrelated one
         found.append((int(meta["epoch"]), dict(meta["metrics"]), storage.join(folder, FILENAME)))
     return sorted(found, key=lambda item: item[0])
+
+
+def read_meta(model_path: str) -> dict:
+    """The small ``meta.json`` beside a ``model.pt`` ({} if it is missing)."""
+    path = storage.join(storage.parent(model_path), META)
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else {}
 
 
 def latest_in_run(run_dir: str | Path) -> str | None:

@@ -27,6 +27,10 @@ class DataConfig:
     cache_dir: str = "data/cache"
     shapes_n: int = 6000           # images in the built-in shapes set when `path` is ""
     batch_size: int = 64           # per worker
+    # A worker whose share of the data (pixels + caption ids of train and eval splits) fits
+    # this many MiB pulls it from Ray Data once and keeps it in memory (on its GPU when it
+    # has one); above it, every epoch streams. Flickr8k at 64x64 needs ~140 MiB.
+    cache_mb: int = 2048
     eval_splits: list[str] = field(default_factory=lambda: ["dev"])
     # Validation prompts rendered to a grid every epoch; empty = the dataset's defaults.
     prompts: list[str] = field(default_factory=list)
@@ -35,26 +39,34 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "seed"           # "seed" (the presentation's model) or "cvae"
+    family: str = "seed"           # "seed" (the presentation's model), "cvae" or "gan" (t2i.families)
     text_encoder: str = "mean"     # "mean" of GloVe vectors (seed), "pool" (per-word MLP, max) or "gru"
     latent_dim: int = 128
     hidden: int = 1024             # units of the caption MLP (and of the GRU)
     width: int = 84                # channel multiplier of the conv decoder/encoder (7.5M params: the seed's size)
     dropout: float = 0.0
+    # "plain": z -> transposed convs (the seed's); "modulated": the caption also scales and
+    # shifts every decoder block (DF-GAN's affine fusion; cvae only, always on for gan).
+    decoder: str = "plain"
     image_size: int = 64
 
 
 @dataclass
 class LossConfig:
+    likelihood: str = "gaussian"   # VAE reconstruction: "gaussian" (squared error, the seed's) or "bernoulli"
     beta: float = 1.0              # weight of the KL term (Higgins et al. 2017)
     kl_warmup_epochs: int = 0      # linear KL annealing from 0 to beta (Bowman et al. 2016)
     free_bits: float = 0.0         # nats per latent dim not penalised (Kingma et al. 2016)
+    gp_weight: float = 2.0         # gan: matching-aware gradient penalty k (DF-GAN; power p = 6)
 
 
 @dataclass
 class OptimConfig:
     name: str = "rmsprop"          # "rmsprop" (the seed's) or "adam"
-    lr: float = 1e-3
+    lr: float = 1e-3               # the generator's (and the VAE's) learning rate
+    disc_lr: float = 4e-4          # gan: the discriminator's (DF-GAN: 4e-4 with G at 1e-4)
+    beta1: float = 0.9             # Adam's betas (DF-GAN trains both networks with 0.0, 0.9)
+    beta2: float = 0.999
     weight_decay: float = 0.0
     schedule: str = "constant"     # "constant", "exponential", "plateau" or "cosine"
     gamma: float = 0.9             # per-epoch decay ("exponential") or factor ("plateau")
@@ -94,8 +106,10 @@ class Config:
 
 
 CHOICES = {
-    "model.family": ("seed", "cvae"),
+    "model.family": ("seed", "cvae", "gan"),
     "model.text_encoder": ("mean", "pool", "gru"),
+    "model.decoder": ("plain", "modulated"),
+    "loss.likelihood": ("gaussian", "bernoulli"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),
@@ -222,14 +236,22 @@ def validate(cfg: Config) -> None:
         problems.append("model.latent_dim, model.hidden and model.width must be >= 1")
     if not 0.0 <= cfg.model.dropout < 1.0:
         problems.append("model.dropout must be in [0, 1)")
-    if cfg.optim.lr <= 0:
-        problems.append("optim.lr must be > 0")
+    if cfg.optim.lr <= 0 or cfg.optim.disc_lr <= 0:
+        problems.append("optim.lr and optim.disc_lr must be > 0")
+    if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
+        problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
+    if cfg.model.family == "seed" and cfg.model.decoder != "plain":
+        problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
+    if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):
+        problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (configs/gan.toml)")
     if cfg.train.epochs < 1:
         problems.append("train.epochs must be >= 1")
     if cfg.train.num_workers < 0:
         problems.append("train.num_workers must be >= 0")
     if cfg.data.batch_size < 1:
         problems.append("data.batch_size must be >= 1")
+    if cfg.data.cache_mb < 0:
+        problems.append("data.cache_mb must be >= 0 (0 = always stream)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     if problems:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from t2i import storage
 from t2i.flickr8k import DatasetError
@@ -122,8 +123,25 @@ def all_captions(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
     return {"image": np.repeat(images, np.diff(offsets), axis=0), "word_ids": rows}
 
 
-def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], data_cpu_limit: float = 0.0):
-    """Ray Datasets for training ("train") and each evaluation split, built on the driver."""
+def worker_shard_bytes(manifest: dict, eval_splits: list[str], workers: int) -> int:
+    """Bytes one worker's share of the train and evaluation splits takes in memory when
+    cached: pixels plus word-id rows (one per caption), split evenly over the workers."""
+    size, words = manifest["image_size"], manifest["max_words"]
+    total = 0
+    for split in ["train", *eval_splits]:
+        info = manifest["splits"][split]
+        pixels = info["images"] * size * size * 3 if split == "train" else info["captions"] * size * size * 3
+        total += pixels + info["captions"] * words * 4
+    return total // max(1, workers)
+
+
+def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], data_cpu_limit: float = 0.0,
+                   cached: bool = False):
+    """Ray Datasets for training ("train") and each evaluation split, built on the driver.
+
+    ``cached``: the train rows keep all their captions (the worker caches its shard once and
+    draws a caption per image each epoch, see :class:`ShardCache`); otherwise each pass
+    picks one caption per image as it streams."""
     import ray.data  # noqa: PLC0415 - Ray stays out of the non-Ray code paths
 
     ctx = ray.data.DataContext.get_current()
@@ -131,16 +149,81 @@ def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], dat
         # Without a cap Ray Data's tasks and the train workers fight for 2 cores and can stall.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=data_cpu_limit)
     size = manifest["image_size"]
-    datasets = {
-        "train": ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle="files")
-        .select_columns(TRAIN_COLUMNS)
-        .map_batches(pick_caption, fn_kwargs={"image_size": size}, batch_format="pyarrow"),
-    }
+    train = ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle="files").select_columns(TRAIN_COLUMNS)
+    if not cached:
+        train = train.map_batches(pick_caption, fn_kwargs={"image_size": size}, batch_format="pyarrow")
+    datasets = {"train": train}
     for split in eval_splits:
         datasets[split] = (ray.data.read_parquet(shard_paths(root, manifest, split))
                            .select_columns(TRAIN_COLUMNS)
                            .map_batches(all_captions, fn_kwargs={"image_size": size}, batch_format="pyarrow"))
     return datasets
+
+
+class ShardCache:
+    """One worker's share of a split, pulled from Ray Data once and kept in memory (on the
+    GPU when training on one), so later epochs start no new Ray Data execution.
+
+    Train shards keep every caption of every image (``offsets`` into ``captions``, as in
+    the Parquet list column); :meth:`epoch_batches` reshuffles the images and draws one
+    caption per image, both from a generator seeded per (seed, epoch, rank), and drops the
+    last partial batch (a batch of one breaks BatchNorm). Evaluation shards hold their
+    (image, caption) pairs as they came and are served in order, all of them.
+    """
+
+    def __init__(self, images: torch.Tensor, captions: torch.Tensor, offsets: torch.Tensor | None):
+        self.images, self.captions, self.offsets = images, captions, offsets
+
+    @classmethod
+    def from_train_tables(cls, tables, image_size: int, device) -> "ShardCache":
+        images, rows, offsets = [], [], [np.zeros(1, np.int64)]
+        for table in tables:
+            starts, values = _caption_rows(table.column("word_ids"))
+            images.append(decode_images(table.column("image"), image_size))
+            rows.append(values[starts[0]: starts[-1]])
+            offsets.append(starts[1:] - starts[0] + offsets[-1][-1])
+        return cls(_to_device(images, device), _to_device(rows, device),
+                   torch.as_tensor(np.concatenate(offsets)).to(device))
+
+    @classmethod
+    def from_eval_batches(cls, batches, device) -> "ShardCache":
+        batches = list(batches)
+        return cls(_to_device([b["image"] for b in batches], device),
+                   _to_device([b["word_ids"] for b in batches], device), None)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.images, self.captions, self.offsets) if t is not None)
+
+    def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int):
+        """Shuffled training batches ``{"image", "word_ids"}`` for one epoch."""
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
+        n = len(self.images)
+        order = torch.randperm(n, generator=generator).to(self.images.device)
+        counts = self.offsets[1:] - self.offsets[:-1]
+        draw = torch.rand(n, generator=generator).to(self.images.device)
+        pick = self.offsets[:-1] + (draw * counts).long().clamp(max=counts - 1)
+        for start in range(0, n - batch_size + 1, batch_size):
+            idx = order[start: start + batch_size]
+            yield {"image": self.images[idx], "word_ids": self.captions[pick[idx]]}
+
+    def ordered_batches(self, batch_size: int):
+        """Every cached evaluation pair once, in order."""
+        for start in range(0, len(self.images), batch_size):
+            yield {"image": self.images[start: start + batch_size], "word_ids": self.captions[start: start + batch_size]}
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One stream per (run seed, epoch, worker rank): the same seed sees the same batches,
+    and a resumed run continues the stream it would have seen."""
+    return (seed * 1_000_003 + epoch) * 65_537 + rank
+
+
+def _to_device(parts: list, device) -> torch.Tensor:
+    return torch.as_tensor(np.concatenate([np.asarray(p) for p in parts]) if parts else np.zeros(0)).to(device)
 
 
 def to_model_inputs(batch: dict, device) -> tuple:

@@ -26,6 +26,7 @@ from t2i.alignment import DualEncoder, r_precision, to_float, train_dual_encoder
 from t2i.data import load_manifest, load_vocabulary, read_split_arrays
 from t2i.flickr8k import DatasetError
 from t2i.losses import gaussian_kl
+from t2i.models import TextToImageVAE
 
 KNN = 50
 JUDGE_FILE = "alignment_judge.pt"
@@ -91,6 +92,33 @@ def load_or_train_judge(root: str, manifest: dict, train: dict, vocab, log=print
     except OSError as exc:  # a read-only dataset folder: evaluation still works, uncached
         log(f"could not cache the alignment judge at {path}: {exc}")
     return judge
+
+
+def nearest_train_distance(images: torch.Tensor, train_images: np.ndarray, batch: int = 512) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N,) RMS pixel distance to the nearest train image.
+
+    The copy check: a generator that redraws training photos lands much nearer to them than
+    unseen real test photos do, so its median is compared with the real test images' median."""
+    train = to_float(train_images).flatten(1)
+    train_sq = train.pow(2).sum(1)
+    out = torch.empty(len(images))
+    for start in range(0, len(images), batch):
+        q = images[start: start + batch].float().flatten(1)
+        d2 = q.pow(2).sum(1, keepdim=True) + train_sq[None] - 2 * q @ train.t()
+        out[start: start + len(q)] = d2.min(1).values.clamp(min=0).div(q.shape[1]).sqrt()
+    return out
+
+
+def copy_check(generated: dict[str, torch.Tensor], real: torch.Tensor, train_images: np.ndarray) -> dict:
+    """Median nearest-train distance of each generated set, of the real (held-out) images,
+    and their ratio (about 1 or more: no copying; far below 1: training images redrawn)."""
+    real_median = float(nearest_train_distance(real, train_images).median())
+    result = {"real_median": real_median}
+    for name, images in generated.items():
+        median = float(nearest_train_distance(images, train_images).median())
+        result[f"{name}_median"] = median
+        result[f"{name}_ratio"] = median / max(real_median, 1e-12)
+    return result
 
 
 def shapes_accuracy(images: torch.Tensor, attributes: dict[str, list[str]], caption_image: np.ndarray) -> dict:
@@ -161,10 +189,11 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
     torch.manual_seed(seed)
     for start, mean, draws in generate_for(loaded.model, ids, samples, seed):
         truth = truth_all[part["caption_image"][start: start + len(mean)]]
-        with torch.no_grad():  # the training objective on test pairs (posterior sample)
-            o = loaded.model(truth, torch.as_tensor(ids[start: start + len(mean)]).long())
-        acc.add("model_elbo/", {"mse": metrics.mse(o.recon, truth),
-                                "kl": gaussian_kl(o.mu, o.logvar, o.prior_mu, o.prior_logvar).sum(1)})
+        if isinstance(loaded.model, TextToImageVAE):  # its training objective on test pairs (posterior sample)
+            with torch.no_grad():
+                o = loaded.model(truth, torch.as_tensor(ids[start: start + len(mean)]).long())
+            acc.add("model_elbo/", {"mse": metrics.mse(o.recon, truth),
+                                    "kl": gaussian_kl(o.mu, o.logvar, o.prior_mu, o.prior_logvar).sum(1)})
         generated[start: start + len(mean)] = mean
         acc.add("model_mean/", image_metrics(mean, truth))
         if draws is not None:
@@ -189,11 +218,13 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
         rp["model_sample"] = sampled_first
     for name, images in rp.items():
         table.setdefault(name, {}).update(r_precision(judge, images, part["word_ids"], part["caption_image"], seed=seed))
+    generated = {"model_mean": generated, **({"model_sample": sampled_first} if samples else {})}
+    copies = copy_check(generated, truth_all, train["images"])
     if is_shapes:
         for name in ("real", "model_mean", "model_sample", f"baseline_knn{KNN}"):
             if name in rp:
                 table[name]["attributes"] = shapes_accuracy(rp[name], part["attributes"], part["caption_image"])
-    return {"pairs": len(ids), "images": len(part["images"]), "results": table}
+    return {"pairs": len(ids), "images": len(part["images"]), "results": table, "copy_check": copies}
 
 
 def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:

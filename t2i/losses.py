@@ -1,14 +1,21 @@
 """Losses as pure functions of tensors.
 
-The objective is the negative ELBO of Kingma & Welling (2014), "Auto-Encoding Variational
+VAE families: the negative ELBO of Kingma & Welling (2014), "Auto-Encoding Variational
 Bayes": a Gaussian reconstruction term (squared error, summed over pixels) plus
 beta * KL(q(z|.) || p(z|.)) (beta-VAE, Higgins et al. 2017), with optional free bits
 (Kingma et al. 2016, "Improved Variational Inference with Inverse Autoregressive Flow").
+
+GAN family: DF-GAN's objective (Tao et al. 2022, "DF-GAN: A Simple and Effective Baseline
+for Text-to-Image Synthesis", eq. 1-2): hinge losses with a matching-aware term -- the
+discriminator must reject real images paired with mismatched captions (the idea of Reed et
+al. 2016, GAN-INT-CLS) -- and the matching-aware zero-centred gradient penalty (MA-GP) on
+real images with their own captions; plus StackGAN's conditioning-augmentation KL.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor,
@@ -20,14 +27,23 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor,
 
 def elbo_loss(recon: torch.Tensor, image: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
               prior_mu: torch.Tensor, prior_logvar: torch.Tensor, beta: float = 1.0,
-              free_bits: float = 0.0) -> dict[str, torch.Tensor]:
+              free_bits: float = 0.0, likelihood: str = "gaussian") -> dict[str, torch.Tensor]:
     """Per-sample negative ELBO averaged over the batch.
 
-    Returns ``loss`` (to minimise), ``mse`` (mean squared error per pixel, the seed's
-    metric), and ``kl`` (nats per sample, before beta and free bits).
+    ``likelihood``: "gaussian" -- squared error summed over pixels (the seed's; unit
+    variance up to constants); "bernoulli" -- binary cross-entropy summed over pixels (Kingma
+    & Welling 2014, Appendix C.1; pytorch/examples' VAE), whose gradient does not vanish as a
+    sigmoid output saturates, so near-binary images (the shapes set) sharpen much sooner.
+    Returns ``loss`` (to minimise), ``mse`` (mean squared error per pixel, the seed's metric,
+    whatever the likelihood), and ``kl`` (nats per sample, before beta and free bits).
     """
-    squared = (recon.float() - image.float()).pow(2)
-    recon_term = squared.flatten(1).sum(1).mean()
+    recon, image = recon.float(), image.float()
+    squared = (recon - image).pow(2)
+    if likelihood == "bernoulli":
+        per_pixel = F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), image, reduction="none")
+    else:
+        per_pixel = squared
+    recon_term = per_pixel.flatten(1).sum(1).mean()
     kl_dims = gaussian_kl(mu.float(), logvar.float(), prior_mu.float(), prior_logvar.float())
     kl = kl_dims.sum(1).mean()
     # Free bits: each latent dim's batch-mean KL below `free_bits` nats costs nothing.
@@ -40,3 +56,31 @@ def kl_weight(beta: float, warmup_epochs: int, epoch_progress: float) -> float:
     if warmup_epochs <= 0:
         return beta
     return beta * min(1.0, epoch_progress / warmup_epochs)
+
+
+def discriminator_hinge_loss(real: torch.Tensor, mismatched: torch.Tensor, fake: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits of (real image, its caption), (real image, another image's caption) and
+    (generated image, its caption). DF-GAN eq. 1 weights the two negatives by 1/2 each."""
+    real_term = F.relu(1.0 - real).mean()
+    mismatch_term = F.relu(1.0 + mismatched).mean()
+    fake_term = F.relu(1.0 + fake).mean()
+    return {"d_loss": real_term + 0.5 * (mismatch_term + fake_term), "d_real": real_term,
+            "d_mismatch": mismatch_term, "d_fake": fake_term}
+
+
+def generator_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
+    """-E[D(G(z, c), c)] (DF-GAN eq. 2)."""
+    return -fake.mean()
+
+
+def matching_aware_gradient_penalty(score, images: torch.Tensor, sentence: torch.Tensor, k: float = 2.0,
+                                    p: float = 6.0) -> torch.Tensor:
+    """k * E[(||grad_x D(x, e)|| + ... )^p] on real, matching pairs: the norm of the joint
+    gradient over the image and the sentence vector (DF-GAN's MA-GP, k = 2, p = 6 in its
+    reference code). ``score(images, sentence)`` is the discriminator's logit function;
+    ``sentence`` must be part of the graph (its gradient is taken too)."""
+    images = images.detach().requires_grad_(True)
+    logits = score(images, sentence)
+    grad_image, grad_sentence = torch.autograd.grad(logits.sum(), (images, sentence), create_graph=True)
+    norm = torch.cat([grad_image.flatten(1), grad_sentence.flatten(1)], 1).pow(2).sum(1).sqrt()
+    return k * norm.pow(p).mean()

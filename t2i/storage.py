@@ -53,6 +53,14 @@ def join(location: str | Path, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)]) + sep + query
 
 
+def parent(location: str | Path) -> str:
+    """The folder holding ``location`` (a URI keeps its ?options)."""
+    if not is_uri(location):
+        return str(Path(location).parent)
+    base, sep, query = str(location).partition("?")
+    return base.rstrip("/").rsplit("/", 1)[0] + sep + query
+
+
 def name(location: str | Path) -> str:
     return str(location).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
 

@@ -2,7 +2,8 @@
 
 ``fit(cfg)`` runs on the driver: it resolves the data, builds the Ray Datasets, checks any
 checkpoint it would resume from, and runs a ``TorchTrainer``. Each worker runs
-``train_func``, a plain epoch loop over the pure ``train_step`` and ``evaluate``;
+``train_func``, a plain epoch loop over its model family's ``train_step`` and
+``eval_terms`` (``t2i.families``: the same loop for VAEs and the GAN);
 rank 0 writes a checkpoint, a sample grid and the run's metrics files every epoch.
 Re-running with the same ``train.name`` and ``train.storage_path`` resumes from the latest
 checkpoint. Data and runs may live in a local folder or at a URI (``t2i.storage``).
@@ -29,68 +30,28 @@ from ray.train.torch import TorchTrainer
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
 from t2i import monitor, storage
-from t2i.config import Config, OptimConfig
-from t2i.data import build_datasets, ensure_shapes, load_manifest, load_vocabulary, to_model_inputs
+from t2i.config import Config
+from t2i.data import (ShardCache, build_datasets, ensure_shapes, load_manifest, load_vocabulary, to_model_inputs,
+                      worker_shard_bytes)
+from t2i.families import Family, make_family
 from t2i.generate import render_prompts
-from t2i.losses import elbo_loss, kl_weight
-from t2i.models import build_model
 
-METRIC = "dev_loss"
+# Checkpoints are kept and compared by how well the caption alone draws the dev image (the
+# generator's deterministic output), not by a loss in which an encoder sees the image.
+METRIC = "dev_gen_mse"
 
 
 # ----------------------------------------------------------------------------- pure parts
-def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def term_sums(names: tuple[str, ...], device) -> torch.Tensor:
+    """Zeroed running sums of ``names`` plus a final count: (len(names) + 1,) float64."""
+    return torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
-    """Stepped once per epoch (``plateau`` with the dev loss)."""
-    sched = torch.optim.lr_scheduler
-    if cfg.schedule == "exponential":
-        return sched.ExponentialLR(optimizer, gamma=cfg.gamma)
-    if cfg.schedule == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.gamma, patience=cfg.patience)
-    if cfg.schedule == "cosine":
-        return sched.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
-    return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
-
-
-def train_step(model, images, word_ids, optimizer, beta: float, free_bits: float, grad_clip: float,
-               autocast=contextlib.nullcontext) -> dict[str, torch.Tensor]:
-    """One optimisation step on one batch; returns detached loss terms."""
-    optimizer.zero_grad(set_to_none=True)
-    with autocast():
-        out = model(images, word_ids)
-    terms = elbo_loss(out.recon, images, out.mu, out.logvar, out.prior_mu, out.prior_logvar, beta, free_bits)
-    terms["loss"].backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    return {k: v.detach() for k, v in terms.items()}
-
-
-@torch.no_grad()
-def evaluate(model, batches, device, beta: float, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Sums of loss terms over ``batches`` (ELBO with a posterior sample, as in training)
-    plus ``n``; combine across workers with :func:`all_reduce_sums` before dividing."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for batch in batches:
-        images, word_ids = to_model_inputs(batch, device)
-        with autocast():
-            out = model(images, word_ids)
-        t = elbo_loss(out.recon, images, out.mu, out.logvar, out.prior_mu, out.prior_logvar, beta)
-        sums += batch_sums(t, images.shape[0])
-    model.train()
-    return sums
-
-
-def batch_sums(terms: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-    """(loss, mse, kl, count) summed over a batch of ``n``, for exact means across batches/workers."""
-    loss = terms["loss"]
-    return torch.stack([loss * n, terms["mse"] * n, terms["kl"] * n, loss.new_tensor(float(n))]).double()
+def add_terms(sums: torch.Tensor, names: tuple[str, ...], terms: dict[str, torch.Tensor], n: int) -> None:
+    """Add one batch's per-sample means (weighted by its size ``n``), for exact means
+    across batches and workers."""
+    sums[:-1] += torch.stack([terms[k].detach().double() for k in names]).to(sums.device) * n
+    sums[-1] += n
 
 
 def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
@@ -99,10 +60,22 @@ def all_reduce_sums(sums: torch.Tensor) -> torch.Tensor:
     return sums
 
 
-def means(prefix: str, sums: torch.Tensor) -> dict[str, float]:
-    loss, mse, kl, n = sums.tolist()
-    n = max(n, 1.0)
-    return {f"{prefix}_loss": loss / n, f"{prefix}_mse": mse / n, f"{prefix}_kl": kl / n}
+def means(prefix: str, names: tuple[str, ...], sums: torch.Tensor) -> dict[str, float]:
+    values = sums.tolist()
+    n = max(values[-1], 1.0)
+    return {f"{prefix}_{k}": v / n for k, v in zip(names, values[:-1])}
+
+
+def evaluate_split(family: Family, batches, device, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sums of the family's evaluation terms over ``batches``, plus the count; combine across
+    workers with :func:`all_reduce_sums` before :func:`means`."""
+    family.train(False)
+    sums = term_sums(family.EVAL_TERMS, device)
+    for batch in batches:
+        images, word_ids = to_model_inputs(batch, device)
+        add_terms(sums, family.EVAL_TERMS, family.eval_terms(images, word_ids, autocast), images.shape[0])
+    family.train(True)
+    return sums
 
 
 # ----------------------------------------------------------------------------- per worker
@@ -120,7 +93,7 @@ def train_func(loop_config: dict) -> None:
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
     vocab = load_vocabulary(loop_config["data_root"])
-    model = build_model(cfg.model, vocab.vectors)
+    family = make_family(cfg, vocab.vectors)
     start_epoch, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -131,51 +104,85 @@ def train_func(loop_config: dict) -> None:
         # checkpoint list is missing; our model.pt files on disk still say where we were.
         resumed = ckpt_lib.read_state(latest)
     if resumed:
-        model.load_state_dict(resumed["model"])
+        family.load_networks(resumed)
         start_epoch = resumed["epoch"] + 1
-    model = ray.train.torch.prepare_model(model)
+    family.wrap(ray.train.torch.prepare_model)  # DDP around every network, then optimizers
     _record_placement(run_dir, rank, device)
-    raw_model = getattr(model, "module", model)
-    optimizer = make_optimizer(model.parameters(), cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.train.epochs)
     if resumed:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
+        family.load_training_state(resumed)
         print(f"[rank {rank}] resumed from epoch {resumed['epoch']}, continuing at epoch {start_epoch}")
 
-    train_shard = ray.train.get_dataset_shard("train")
-    eval_shards = {s: ray.train.get_dataset_shard(s) for s in cfg.data.eval_splits}
+    feed = EpochFeed(cfg, loop_config, device, rank)
     n_train = loop_config["train_images"]
     for epoch in range(start_epoch, cfg.train.epochs):
         _fault_drill(cfg.train.fail_once_at_epoch, epoch, rank, run_dir)
         started = time.perf_counter()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        sums = term_sums(family.TRAIN_TERMS, device)
         seen = 0
-        model.train()
-        for batch in train_shard.iter_torch_batches(batch_size=cfg.data.batch_size,
-                                                    local_shuffle_buffer_size=4 * cfg.data.batch_size):
+        family.train(True)
+        for batch in feed.train_batches(epoch):
             images, word_ids = to_model_inputs(batch, device)
-            weight = kl_weight(cfg.loss.beta, cfg.loss.kl_warmup_epochs, epoch + seen * world / max(n_train, 1))
-            t = train_step(model, images, word_ids, optimizer, weight, cfg.loss.free_bits,
-                           cfg.optim.grad_clip, autocast)
+            terms = family.train_step(images, word_ids, epoch + seen * world / max(n_train, 1), autocast)
             seen += images.shape[0]
-            sums += batch_sums(t, images.shape[0])
+            add_terms(sums, family.TRAIN_TERMS, terms, images.shape[0])
         train_seconds = time.perf_counter() - started
         sums = all_reduce_sums(sums)
-        metrics = {"epoch": epoch, **means("train", sums), "samples_per_s": sums[3].item() / train_seconds,
-                   "kl_weight": weight if seen else cfg.loss.beta, "lr": optimizer.param_groups[0]["lr"]}
-        # Dev loss is the plain negative ELBO (beta = 1): comparable across runs and sweeps
-        # whatever beta, warm-up or free bits they train with.
-        for split, shard in eval_shards.items():
-            batches = shard.iter_torch_batches(batch_size=cfg.data.batch_size)
-            metrics.update(means(split, all_reduce_sums(evaluate(raw_model, batches, device, 1.0, autocast))))
-        if cfg.optim.schedule == "plateau":
-            scheduler.step(metrics.get(METRIC, metrics["train_loss"]))
-        else:
-            scheduler.step()
-        metrics["epoch_s"] = time.perf_counter() - started
+        metrics = {"epoch": epoch, **means("train", family.TRAIN_TERMS, sums),
+                   "samples_per_s": sums[-1].item() / train_seconds, "lr": family.lr}
+        for split in cfg.data.eval_splits:
+            metrics.update(means(split, family.EVAL_TERMS,
+                                 all_reduce_sums(evaluate_split(family, feed.eval_batches(split), device, autocast))))
+        # Without an evaluation split, fall back to the unweighted train loss (labelled as such).
         metrics.setdefault(METRIC, metrics["train_loss"])
-        _report(metrics, rank, raw_model, optimizer, scheduler, cfg, vocab, loop_config, run_dir, epoch)
+        family.end_epoch(metrics[METRIC])
+        metrics["epoch_s"] = time.perf_counter() - started
+        _report(metrics, rank, family, cfg, vocab, loop_config, run_dir, epoch)
+
+
+class EpochFeed:
+    """A worker's batches: its Ray Data shards streamed every epoch, or, when they fit
+    ``data.cache_mb`` (decided on the driver), pulled once into a :class:`ShardCache`."""
+
+    def __init__(self, cfg: Config, loop_config: dict, device, rank: int):
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.cached = loop_config["data_mode"] == "cache"
+        self.image_size = loop_config["data_info"]["image_size"]
+        self.train_shard = ray.train.get_dataset_shard("train")
+        self.eval_shards = {s: ray.train.get_dataset_shard(s) for s in cfg.data.eval_splits}
+        self.caches: dict[str, ShardCache] = {}
+
+    def _cache(self, split: str) -> ShardCache:
+        if split not in self.caches:
+            if split == "train":
+                tables = self.train_shard.iter_batches(batch_size=1024, batch_format="pyarrow")
+                self.caches[split] = ShardCache.from_train_tables(tables, self.image_size, self.device)
+            else:
+                batches = self.eval_shards[split].iter_batches(batch_size=1024, batch_format="numpy")
+                self.caches[split] = ShardCache.from_eval_batches(batches, self.device)
+            cache = self.caches[split]
+            print(f"[rank {self.rank}] cached {split}: {len(cache)} rows, {cache.nbytes / 2 ** 20:.0f} MiB "
+                  f"on {self.device}")
+        return self.caches[split]
+
+    def train_batches(self, epoch: int):
+        batch_size = self.cfg.data.batch_size
+        if self.cached:
+            return self._cache("train").epoch_batches(batch_size, self.cfg.train.seed, epoch, self.rank)
+        return self.train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                                   local_shuffle_buffer_size=4 * batch_size)
+
+    def eval_batches(self, split: str):
+        batch_size = self.cfg.data.batch_size
+        if self.cached:
+            return self._cache(split).ordered_batches(batch_size)
+        return self.eval_shards[split].iter_torch_batches(batch_size=batch_size)
+
+
+def data_mode(cfg: Config, manifest: dict) -> str:
+    """"cache" when one worker's share of the data fits ``data.cache_mb``, else "stream"."""
+    workers = max(1, cfg.train.num_workers)
+    fits = worker_shard_bytes(manifest, cfg.data.eval_splits, workers) <= cfg.data.cache_mb * 2 ** 20
+    return "cache" if fits else "stream"
 
 
 def local_mode(cfg: Config) -> bool:
@@ -209,13 +216,13 @@ def _record_placement(run_dir: str, rank: int, device) -> None:
     print(f"workers on nodes: {sorted({w['node_id'][:12] for w in everyone})}")
 
 
-def _report(metrics, rank, raw_model, optimizer, scheduler, cfg, vocab, loop_config, run_dir, epoch) -> None:
+def _report(metrics, rank, family: Family, cfg, vocab, loop_config, run_dir, epoch) -> None:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = None
         if rank == 0:
-            ckpt_lib.save(folder, model=raw_model, cfg=cfg, vocab=vocab, epoch=epoch, metrics=metrics,
-                          optimizer=optimizer, scheduler=scheduler, data=loop_config["data_info"])
-            grid = render_prompts(raw_model, vocab, loop_config["prompts"], cfg.data.samples_per_prompt,
+            ckpt_lib.save(folder, model=family.generator, cfg=cfg, vocab=vocab, epoch=epoch, metrics=metrics,
+                          training=family.state_dict(), data=loop_config["data_info"])
+            grid = render_prompts(family.generator, vocab, loop_config["prompts"], cfg.data.samples_per_prompt,
                                   loop_config["max_words"], cfg.train.seed, Path(folder) / "samples.png")
             storage.upload(grid, storage.join(run_dir, "samples", f"epoch_{epoch:03d}.png"))
             monitor.record_epoch(run_dir, metrics)
@@ -250,8 +257,10 @@ def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str) -
     return {
         "cfg": cfg.to_dict(), "data_root": str(data_root), "run_dir": str(run_dir), "prompts": usable,
         "max_words": manifest["max_words"], "train_images": manifest["splits"]["train"]["images"],
+        "data_mode": data_mode(cfg, manifest),  # also in data_info: checkpoints and summaries say it
         "data_info": {"dataset": manifest["dataset"], "path": str(data_root), "image_size": manifest["image_size"],
-                      "max_words": manifest["max_words"], "embedding": json.dumps(manifest["embedding"])},
+                      "max_words": manifest["max_words"], "embedding": json.dumps(manifest["embedding"]),
+                      "mode": data_mode(cfg, manifest)},
     }
 
 
@@ -295,7 +304,8 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.train.placement_strategy),
-        datasets=build_datasets(data_root, manifest, cfg.data.eval_splits, cfg.train.data_cpu_limit),
+        datasets=build_datasets(data_root, manifest, cfg.data.eval_splits, cfg.train.data_cpu_limit,
+                                cached=data_mode(cfg, manifest) == "cache"),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),
         run_config=RunConfig(
             name=name, storage_path=storage_root, callbacks=list(callbacks),
@@ -345,6 +355,7 @@ def summarize(run_dir: str, error: Exception | None = None) -> dict:
         "metrics_csv": storage.join(run_dir, monitor.METRICS_CSV),
         "loss_curve": storage.join(run_dir, monitor.LOSS_CURVE),
         "epochs_done": latest[0] + 1 if latest else 0,
+        "data_mode": ckpt_lib.read_meta(latest[2]).get("data", {}).get("mode") if latest else None,
         "metrics": latest[1] if latest else {},
         "error": str(error) if error else None,
     }
@@ -362,10 +373,23 @@ def check_cluster_storage(cfg: Config, locations: dict[str, str]) -> None:
             raise config_lib.ConfigError(problem)
 
 
+def start_ray() -> None:
+    """Connect to the cluster at RAY_ADDRESS, or start a local one.
+
+    A local Ray started here inherits this process's environment: one Parquet footer-reader
+    actor instead of Ray Data's default pool of 32, which on a small machine took seconds to
+    start for every read and left dozens of killed actors ("failed" tasks) on the job page.
+    A cluster keeps its own settings (set them in its runtime environment)."""
+    if ray.is_initialized():
+        return
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+    ray.init()
+
+
 def fit(cfg: Config) -> dict:
     """Train (or resume) the run described by ``cfg``; returns :func:`summarize`'s dict."""
-    if not ray.is_initialized():
-        ray.init()
+    start_ray()
     trainer, run_dir = make_trainer(cfg)  # has already checked the checkpoint it would resume
     checkpoints = ckpt_lib.run_checkpoints(run_dir)  # epochs from meta.json: no second weights read
     if checkpoints and checkpoints[-1][0] + 1 >= cfg.train.epochs:

@@ -34,7 +34,7 @@ def test_config_typo_fails_fast_with_valid_keys():
     with pytest.raises(ConfigError, match="unknown config key 'modle.width'"):
         config_lib.load(None, ["modle.width=3"])
     with pytest.raises(ConfigError, match="must be one of"):
-        config_lib.load(None, ["model.family=gan"])
+        config_lib.load(None, ["model.family=vqgan"])
     with pytest.raises(ConfigError, match="cannot use 'abc' as int"):
         config_lib.load(None, ["train.epochs=abc"])
 
@@ -170,3 +170,31 @@ def test_bad_data_folders_are_named(shapes_dir, tmp_path):
     shard.unlink()
     with pytest.raises(DatasetError, match="manifest/shard mismatch.*missing"):
         load_manifest(copy)
+
+
+GAN_TINY = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "data.batch_size=32",
+            "data.samples_per_prompt=2", "train.keep_best=10"]
+
+
+def test_gan_killed_run_resumes_at_next_epoch_with_both_networks(shapes_dir, tmp_path, ray_session):
+    """The gan family in the same Ray Train loop: a crash after epoch 0, a re-run resumes at
+    epoch 1 from a checkpoint holding both networks and both optimizers."""
+    from conftest import REPO
+    from t2i.train import check_resume, fit
+
+    cfg = config_lib.load(REPO / "configs" / "gan.toml", GAN_TINY + [
+        f"data.path={shapes_dir}", f"train.storage_path={tmp_path}", "train.name=gan", "train.epochs=3",
+        "train.max_failures=0", "train.fail_once_at_epoch=1"])
+    first = fit(cfg)
+    assert first["error"] is not None and "fault drill" in first["error"]
+    assert epochs_on_disk(tmp_path / "gan") == [0]
+    state = ckpt_lib.read_state(next((tmp_path / "gan").glob("checkpoint_*/model.pt")))
+    assert set(state["training"]["optimizers"]) == {"model", "discriminator"}
+    assert "discriminator" in state["training"]["networks"]
+    second = fit(cfg)
+    assert second["error"] is None and epochs_on_disk(tmp_path / "gan") == [0, 1, 2]
+    assert {"dev_gen_mse", "train_d_loss", "train_g_adv", "dev_d_mismatch"} <= set(second["metrics"])
+    # A gan checkpoint is never resumed with another family's config.
+    other = tiny_cfg(shapes_dir, tmp_path, "train.name=gan", "model.family=cvae")
+    with pytest.raises(ckpt_lib.CheckpointError, match="family: checkpoint 'gan' vs config 'cvae'"):
+        check_resume(tmp_path / "gan", other)

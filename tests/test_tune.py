@@ -38,6 +38,9 @@ def test_bad_search_spaces_fail_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="never reported"):
         load_search(write_space(tmp_path, '"optim.lr" = { type = "uniform", low = 0.001, high = 0.01 }'),
                     ["search.metric=test_accuracy"])
+    # Each value is checked on top of the base config: the seed family has no caption-reading decoder.
+    with pytest.raises(ConfigError, match="seed family decodes z alone"):
+        load_search(write_space(tmp_path, '"model.family" = { type = "choice", values = ["cvae", "seed"] }'))
     with pytest.raises(ConfigError, match="unknown search option"):
         load_search(None, ["search.nmu_samples=3"])
 
@@ -77,7 +80,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path
     assert len(after) == 2 and all(epochs == [0, 1] for epochs in after.values()), after
     rows = list(csv.DictReader(open(summary["table"])))
     assert len(rows) == 2 and {r["stop_reason"] for r in rows} == {"completed"}
-    assert float(rows[0]["best_dev_loss"]) <= float(rows[1]["best_dev_loss"])
+    assert float(rows[0]["best_dev_gen_mse"]) <= float(rows[1]["best_dev_gen_mse"])
     assert summary["best_checkpoint"] and os.path.exists(summary["best_checkpoint"])
     json.dumps(summary)
 

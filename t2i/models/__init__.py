@@ -6,18 +6,28 @@ import numpy as np
 import torch
 
 from t2i.config import ModelConfig
-from t2i.models.vae import CVAE, SeedVAE, TextToImageVAE, VAEOutput
+from t2i.models.gan import Discriminator, GANGenerator
+from t2i.models.vae import CVAE, SeedVAE, TextToImage, TextToImageVAE, VAEOutput
 
-FAMILIES = {"seed": SeedVAE, "cvae": CVAE}
+FAMILIES = {"seed": SeedVAE, "cvae": CVAE, "gan": GANGenerator}
 
 
-def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImageVAE:
+def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:
     """A fresh model whose frozen word table is ``vectors`` (vocab_size, embed_dim)."""
     cls = FAMILIES[cfg.family]
     model = cls(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
-                latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width, dropout=cfg.dropout)
+                latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width, dropout=cfg.dropout,
+                decoder=cfg.decoder)
     model.text.vectors.copy_(torch.as_tensor(vectors, dtype=torch.float32))
     return model
+
+
+def build_discriminator(cfg: ModelConfig, vectors: np.ndarray) -> Discriminator:
+    """The gan family's discriminator, with its own frozen copy of the word table."""
+    critic = Discriminator(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
+                           hidden=cfg.hidden, width=cfg.width)
+    critic.text.vectors.copy_(torch.as_tensor(vectors, dtype=torch.float32))
+    return critic
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -25,4 +35,5 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["build_model", "count_parameters", "TextToImageVAE", "VAEOutput", "SeedVAE", "CVAE", "FAMILIES"]
+__all__ = ["build_model", "build_discriminator", "count_parameters", "TextToImage", "TextToImageVAE", "VAEOutput",
+           "SeedVAE", "CVAE", "GANGenerator", "Discriminator", "FAMILIES"]

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from t2i.models.blocks import CaptionEncoder, ConvDecoder, ConvEncoder, mlp
+from t2i.models.blocks import CaptionEncoder, ConvDecoder, ConvEncoder, ModulatedDecoder, bounded_logvar, mlp
 
 
 class VAEOutput(NamedTuple):
@@ -35,8 +35,9 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Gene
     return mu + torch.exp(0.5 * logvar) * eps
 
 
-class TextToImageVAE(nn.Module):
-    """Shared sampling logic; subclasses define the four maps."""
+class TextToImage(nn.Module):
+    """A caption-conditioned generator: ``encode_text``, ``prior(c) -> (mu, logvar)`` of the
+    latent used at generation time, ``decode(z, c)``. Sampling is shared by every family."""
 
     latent_dim: int
 
@@ -57,10 +58,17 @@ class TextToImageVAE(nn.Module):
         return images.view(word_ids.shape[0], n, *images.shape[1:])
 
 
+class TextToImageVAE(TextToImage):
+    """A generator trained as a VAE: ``forward(image, word_ids) -> VAEOutput`` gives the
+    terms of its ELBO (the encoder sees the image), which evaluation also reports."""
+
+
 class SeedVAE(TextToImageVAE):
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "mean", latent_dim: int = 128,
-                 hidden: int = 1024, width: int = 80, dropout: float = 0.0):
+                 hidden: int = 1024, width: int = 80, dropout: float = 0.0, decoder: str = "plain"):
         super().__init__()
+        if decoder != "plain":
+            raise ValueError("the seed family's decoder reads only z: use model.decoder = 'plain'")
         self.latent_dim = latent_dim
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
         self.body = mlp([self.text.out_dim, hidden, hidden], dropout)
@@ -70,7 +78,7 @@ class SeedVAE(TextToImageVAE):
 
     def encode(self, image: torch.Tensor | None, c: torch.Tensor):
         h = self.body(c)
-        return self.to_mu(h), self.to_logvar(h)
+        return self.to_mu(h), bounded_logvar(self.to_logvar(h))
 
     def prior(self, c: torch.Tensor):
         # The seed samples its caption-conditioned Gaussian at generation time.
@@ -89,7 +97,7 @@ class SeedVAE(TextToImageVAE):
 
 class CVAE(TextToImageVAE):
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "gru", latent_dim: int = 64,
-                 hidden: int = 512, width: int = 48, dropout: float = 0.0):
+                 hidden: int = 512, width: int = 48, dropout: float = 0.0, decoder: str = "plain"):
         super().__init__()
         self.latent_dim = latent_dim
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
@@ -99,18 +107,23 @@ class CVAE(TextToImageVAE):
                                        nn.Linear(hidden, 2 * latent_dim))
         self.prior_net = nn.Sequential(mlp([c_dim, hidden], dropout), nn.Linear(hidden, 2 * latent_dim))
         self.cond = mlp([c_dim, hidden], dropout)
-        self.decoder = ConvDecoder(latent_dim + hidden, width)
+        # "modulated": the caption also scales/shifts every decoder block (DF-GAN's fusion).
+        self.modulated = decoder == "modulated"
+        self.decoder = (ModulatedDecoder(latent_dim + hidden, hidden, width) if self.modulated
+                        else ConvDecoder(latent_dim + hidden, width))
 
     def encode(self, image: torch.Tensor, c: torch.Tensor):
         mu, logvar = self.posterior(torch.cat([self.image_encoder(image), c], 1)).chunk(2, dim=1)
-        return mu, logvar
+        return mu, bounded_logvar(logvar)
 
     def prior(self, c: torch.Tensor):
         mu, logvar = self.prior_net(c).chunk(2, dim=1)
-        return mu, logvar
+        return mu, bounded_logvar(logvar)
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([z, self.cond(c)], 1))
+        cond = self.cond(c)
+        h = torch.cat([z, cond], 1)
+        return self.decoder(h, cond) if self.modulated else self.decoder(h)
 
     def forward(self, image: torch.Tensor, word_ids: torch.Tensor) -> VAEOutput:
         c = self.encode_text(word_ids)

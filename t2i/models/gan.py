@@ -1,0 +1,85 @@
+"""A conditional GAN generator and its matching-aware discriminator (pure PyTorch).
+
+The generator is StackGAN's Stage I (Zhang et al. 2017) with DF-GAN's fusion blocks
+(Tao et al. 2022):
+
+* **Conditioning augmentation** -- the seed's VAE-style step kept: the caption feature is
+  mapped to a Gaussian N(mu(c), sigma(c)) and a reparameterized sample ``c_hat`` is drawn,
+  with KL(N(mu, sigma) || N(0, I)) added to the generator's loss (StackGAN eq. 3-4). It
+  smooths the conditioning manifold, so few captions per image still cover it.
+* ``c_hat`` and noise ``z ~ N(0, I)`` -> 4x4 map -> four upsampling blocks that each
+  re-read ``c_hat`` through a channel-wise affine transform (DF-GAN's DFBlock).
+
+In the interface shared with the VAEs (:class:`TextToImage`), the generator's latent is
+``[c_hat, z]``: ``prior(c)`` is the CA Gaussian beside N(0, I), so ``sample()``,
+``generate`` and ``evaluate`` work unchanged (deterministic = CA mean and z = 0).
+
+The discriminator (DF-GAN's, without residual shortcuts) reads the image down to 4x4,
+joins the caption feature replicated over the map and scores the pair; it has its own
+caption encoder. Its losses live in ``t2i.losses``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar
+from t2i.models.vae import TextToImage
+
+
+class GANGenerator(TextToImage):
+    def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", latent_dim: int = 64,
+                 hidden: int = 256, width: int = 32, dropout: float = 0.0, decoder: str = "modulated"):
+        super().__init__()
+        if decoder != "modulated":
+            raise ValueError("the gan family always uses model.decoder = 'modulated'")
+        self.condition_dim = latent_dim  # size of c_hat (StackGAN: 128)
+        self.noise_dim = latent_dim      # size of z (StackGAN: 100)
+        self.latent_dim = self.condition_dim + self.noise_dim
+        self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
+        self.augment = nn.Linear(self.text.out_dim, 2 * self.condition_dim)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.decoder = ModulatedDecoder(self.latent_dim, self.condition_dim, width)
+
+    def prior(self, c: torch.Tensor):
+        mu, logvar = self.augment(self.dropout(c)).chunk(2, dim=1)
+        noise = torch.zeros(c.shape[0], self.noise_dim, device=c.device, dtype=mu.dtype)
+        return torch.cat([mu, noise], 1), torch.cat([bounded_logvar(logvar), noise], 1)
+
+    def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z, z[:, : self.condition_dim])
+
+    def forward(self, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One random image per caption, and the CA Gaussian's (mu, logvar) for its KL."""
+        mu, logvar = self.prior(self.encode_text(word_ids))
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z, None), mu[:, : self.condition_dim], logvar[:, : self.condition_dim]
+
+
+class Discriminator(nn.Module):
+    """(image, caption) -> one realness-and-match logit per pair."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", hidden: int = 256,
+                 width: int = 32):
+        super().__init__()
+        self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
+        channels = [3, width, 2 * width, 4 * width, 8 * width]
+        layers: list[nn.Module] = []
+        for a, b in zip(channels[:-1], channels[1:]):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(a, b, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        self.image = nn.Sequential(*layers)
+        # DF-GAN's D_GET_LOGITS: concat the sentence vector over the 4x4 map, 3x3 conv, 4x4 conv.
+        self.joint = nn.Sequential(nn.Conv2d(8 * width + self.text.out_dim, 2 * width, 3, 1, 1),
+                                   nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(2 * width, 1, 4, 1, 0))
+
+    def encode_text(self, word_ids: torch.Tensor) -> torch.Tensor:
+        return self.text(word_ids)
+
+    def score(self, images: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        features = self.image(images * 2 - 1)  # [0, 1] -> [-1, 1], as GANs usually see pixels
+        joined = torch.cat([features, sentence[:, :, None, None].expand(-1, -1, *features.shape[2:])], 1)
+        return self.joint(joined).flatten()
+
+    def forward(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+        return self.score(images, self.encode_text(word_ids))
