@@ -71,10 +71,29 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
     return path
 
 
+# Checkpoints are ranked by how well the caption alone draws the dev image (the generator's
+# deterministic output), not by a loss in which an encoder sees the image.
+SELECTION_METRIC = "dev_gen_mse"
+
+
 def model_file(location: str | Path) -> str:
-    """``model.pt`` itself, given the file or its checkpoint folder."""
+    """``model.pt`` itself, given the file, its checkpoint folder, or a run folder (then the
+    best checkpoint by :data:`SELECTION_METRIC`, the latest among ties)."""
     location = str(location)
-    return storage.join(location, FILENAME) if storage.is_dir(location) else location
+    if not storage.is_dir(location):
+        return location
+    if storage.is_file(storage.join(location, FILENAME)):
+        return storage.join(location, FILENAME)
+    best = best_in_run(location)
+    return best if best else storage.join(location, FILENAME)
+
+
+def best_in_run(run_dir: str | Path) -> str | None:
+    """The ``model.pt`` with the lowest selection metric under a run folder, or None."""
+    checkpoints = run_checkpoints(run_dir)
+    if not checkpoints:
+        return None
+    return min(checkpoints, key=lambda c: (c[1].get(SELECTION_METRIC, float("inf")), -c[0]))[2]
 
 
 def read_state(path: str | Path) -> dict:

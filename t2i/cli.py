@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=_prepare, show=_summary)
 
     gen = commands.add_parser("generate", help="prompts -> PNG grid (or one PNG per caption line)")
-    gen.add_argument("--checkpoint", required=True, help="a model.pt (or its checkpoint folder)")
+    gen.add_argument("--checkpoint", required=True,
+                     help="a model.pt, its checkpoint folder, or a run folder (its best checkpoint)")
     gen.add_argument("prompts", nargs="*", help="captions to draw")
     gen.add_argument("--captions-file", help="one caption per line -> OUT/00000.png, 00001.png, ...")
     gen.add_argument("--n", type=int, default=4, help="samples per prompt in the grid")
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     ev = commands.add_parser("evaluate", help="metrics of a checkpoint and of baselines on a split")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True,
+                    help="a model.pt, its checkpoint folder, or a run folder (its best checkpoint)")
     ev.add_argument("--data", required=True, help="prepared dataset folder")
     ev.add_argument("--split", default="test")
     ev.add_argument("--samples", type=int, default=3, help="random draws per caption")

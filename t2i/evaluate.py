@@ -150,6 +150,7 @@ def generate_for(model, ids: np.ndarray, samples: int, seed: int, batch: int = 2
 def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out: str | Path | None = None,
              samples: int = 3, seed: int = 0, max_pairs: int = 0, log=print) -> dict:
     started = time.perf_counter()
+    checkpoint = ckpt_lib.model_file(checkpoint)  # a run folder -> its best checkpoint
     loaded = ckpt_lib.load(checkpoint)
     root = storage.absolute(data)
     manifest = load_manifest(root)

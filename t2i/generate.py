@@ -48,6 +48,7 @@ def generate(checkpoint: str | Path, prompts: list[str], out: str | Path, n: int
              captions_file: str | Path | None = None, batch: int = 256) -> dict:
     """Command-line prompts -> one grid PNG at ``out``; a captions file -> one 64x64 PNG per
     line in the folder ``out`` (00000.png, ... in file order, first sample of each)."""
+    checkpoint = ckpt_lib.model_file(checkpoint)  # a run folder -> its best checkpoint
     loaded = ckpt_lib.load(checkpoint)
     max_words = max_words_of(loaded)
     if captions_file:
@@ -62,8 +63,9 @@ def generate(checkpoint: str | Path, prompts: list[str], out: str | Path, n: int
         if not images:
             raise UnknownCaptionError(f"{path} has no captions")
         files = save_each(torch.cat(images), out)
-        return {"out": str(out), "images": len(files)}
+        return {"out": str(out), "images": len(files), "checkpoint": checkpoint}
     if not prompts:
         raise UnknownCaptionError("give at least one prompt or --captions-file")
     images = sample_prompts(loaded.model, loaded.vocab, prompts, n, max_words, seed)
-    return {"out": str(save_grid(images, prompts, out)), "prompts": len(prompts), "samples_per_prompt": n}
+    return {"out": str(save_grid(images, prompts, out)), "prompts": len(prompts), "samples_per_prompt": n,
+            "checkpoint": checkpoint}

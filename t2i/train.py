@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import socket
 import tempfile
@@ -36,9 +35,7 @@ from t2i.data import (ShardCache, build_datasets, ensure_shapes, load_manifest, 
 from t2i.families import Family, make_family
 from t2i.generate import render_prompts
 
-# Checkpoints are kept and compared by how well the caption alone draws the dev image (the
-# generator's deterministic output), not by a loss in which an encoder sees the image.
-METRIC = "dev_gen_mse"
+METRIC = ckpt_lib.SELECTION_METRIC  # what Ray keeps checkpoints by (see t2i.checkpoint)
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -346,10 +343,9 @@ def summarize(run_dir: str, error: Exception | None = None) -> dict:
     metrics of the latest epoch (also right when the run had finished before)."""
     checkpoints = ckpt_lib.run_checkpoints(run_dir)
     latest = checkpoints[-1] if checkpoints else None
-    best = min(checkpoints, key=lambda c: (c[1].get(METRIC, math.inf), -c[0])) if checkpoints else None
     return {
         "run_dir": str(run_dir),
-        "best_checkpoint": best[2] if best else None,
+        "best_checkpoint": ckpt_lib.best_in_run(run_dir),
         "latest_checkpoint": latest[2] if latest else None,
         "samples": storage.join(run_dir, "samples"),
         "metrics_csv": storage.join(run_dir, monitor.METRICS_CSV),

@@ -46,6 +46,19 @@ def test_generate_grid_and_caption_files(checkpoint, tmp_path, capsys):
         assert (tmp_path / "each" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
 
 
+def test_generate_from_a_run_folder_uses_its_best_checkpoint(checkpoint, tmp_path, capsys):
+    state = ckpt_lib.read_state(checkpoint)
+    cfg = config_lib.from_dict(state["config"])
+    loaded = ckpt_lib.load(checkpoint)
+    run = tmp_path / "run"
+    for epoch, error in ((0, 0.05), (1, 0.02), (2, 0.04)):
+        (run / f"checkpoint_{epoch}").mkdir(parents=True)
+        ckpt_lib.save(run / f"checkpoint_{epoch}", model=loaded.model, cfg=cfg, vocab=loaded.vocab, epoch=epoch,
+                      metrics={"dev_gen_mse": error}, data={"max_words": 32})
+    assert cli_main(["generate", "--checkpoint", str(run), "a red circle", "--out", str(tmp_path / "g.png")]) == 0
+    assert json.loads(capsys.readouterr().out)["checkpoint"] == str(run / "checkpoint_1" / "model.pt")
+
+
 def test_generate_bad_input_is_reported(checkpoint, tmp_path, capsys):
     assert cli_main(["generate", "--checkpoint", str(checkpoint), "blorf zzyx", "--out", str(tmp_path / "x.png")]) == 2
     assert "unknown: blorf, zzyx" in capsys.readouterr().err
