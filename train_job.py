@@ -16,7 +16,8 @@ from t2i import config as config_lib
 from t2i.cli import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes.toml"
-SMOKE = ["data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "model.width=8",
+# Its own run name: a smoke test never resumes (or collides with) the default run's folder.
+SMOKE = ["train.name=smoke-test", "data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "model.width=8",
          "model.hidden=64", "model.latent_dim=8", "data.samples_per_prompt=2"]
 
 
