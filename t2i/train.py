@@ -129,7 +129,8 @@ def train_func(loop_config: dict) -> None:
         for split in cfg.data.eval_splits:
             metrics.update(means(split, family.EVAL_TERMS,
                                  all_reduce_sums(evaluate_split(family, feed.eval_batches(split), device, autocast))))
-        # Without an evaluation split, fall back to the unweighted train loss (labelled as such).
+        # Without an evaluation split there is no generation metric: checkpoints are then kept
+        # by the train loss (beta-weighted for the VAEs), stored under the metric's name for Ray.
         metrics.setdefault(METRIC, metrics["train_loss"])
         family.end_epoch(metrics[METRIC])
         metrics["epoch_s"] = time.perf_counter() - started
