@@ -45,15 +45,21 @@ def loss_curve_png(history: list[dict]) -> bytes:
     from matplotlib.ticker import MaxNLocator  # noqa: PLC0415
 
     epochs = [row["epoch"] + 1 for row in history]
-    splits = [key[: -len("_loss")] for key in history[-1] if key.endswith("_loss")]
+    # "train_loss", "dev_loss", ... (not the gan's "train_d_loss": that is a term, not a split)
+    splits = [key[: -len("_loss")] for key in history[-1] if key.endswith("_loss") and key.count("_") == 1]
     figure = Figure(figsize=(8, 3.2), dpi=100)
     loss_axes, mse_axes = figure.subplots(1, 2)
     for split in splits:
         style = dict(marker="o", markersize=3)
         loss_axes.plot(epochs, [row.get(f"{split}_loss") for row in history], label=split, **style)
-        mse_axes.plot(epochs, [row.get(f"{split}_mse") for row in history], label=split, **style)
-    loss_axes.set(title="loss (negative ELBO per image)", xlabel="epoch")
-    mse_axes.set(title="reconstruction MSE per pixel", xlabel="epoch")
+        if f"{split}_mse" in history[-1]:
+            mse_axes.plot(epochs, [row.get(f"{split}_mse") for row in history], label=f"{split} reconstruction",
+                          **style)
+        if f"{split}_gen_mse" in history[-1]:  # the checkpoint-selection metric
+            mse_axes.plot(epochs, [row.get(f"{split}_gen_mse") for row in history], linestyle="--",
+                          label=f"{split} from caption alone", **style)
+    loss_axes.set(title="loss (VAE: negative ELBO; gan: G loss)", xlabel="epoch")
+    mse_axes.set(title="MSE per pixel", xlabel="epoch")
     for axes in (loss_axes, mse_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(alpha=0.3)
