@@ -94,12 +94,14 @@ def load_or_train_judge(root: str, manifest: dict, train: dict, vocab, log=print
     return judge
 
 
-def nearest_train_distance(images: torch.Tensor, train_images: np.ndarray, batch: int = 512) -> torch.Tensor:
+def nearest_train_distance(images: torch.Tensor, train_images: np.ndarray | torch.Tensor,
+                           batch: int = 512) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (N,) RMS pixel distance to the nearest train image.
+    ``train_images``: uint8 (M, H, W, 3), or already (M, H*W*3) floats in [0, 1].
 
     The copy check: a generator that redraws training photos lands much nearer to them than
     unseen real test photos do, so its median is compared with the real test images' median."""
-    train = to_float(train_images).flatten(1)
+    train = train_images if torch.is_tensor(train_images) else to_float(train_images).flatten(1)
     train_sq = train.pow(2).sum(1)
     out = torch.empty(len(images))
     for start in range(0, len(images), batch):
@@ -112,10 +114,11 @@ def nearest_train_distance(images: torch.Tensor, train_images: np.ndarray, batch
 def copy_check(generated: dict[str, torch.Tensor], real: torch.Tensor, train_images: np.ndarray) -> dict:
     """Median nearest-train distance of each generated set, of the real (held-out) images,
     and their ratio (about 1 or more: no copying; far below 1: training images redrawn)."""
-    real_median = float(nearest_train_distance(real, train_images).median())
+    train = to_float(train_images).flatten(1)  # once for every set compared
+    real_median = float(nearest_train_distance(real, train).median())
     result = {"real_median": real_median}
     for name, images in generated.items():
-        median = float(nearest_train_distance(images, train_images).median())
+        median = float(nearest_train_distance(images, train).median())
         result[f"{name}_median"] = median
         result[f"{name}_ratio"] = median / max(real_median, 1e-12)
     return result

@@ -143,7 +143,7 @@ class EpochFeed:
 
     def __init__(self, cfg: Config, loop_config: dict, device, rank: int):
         self.cfg, self.device, self.rank = cfg, device, rank
-        self.cached = loop_config["data_mode"] == "cache"
+        self.cached = loop_config["data_info"]["mode"] == "cache"
         self.image_size = loop_config["data_info"]["image_size"]
         self.train_shard = ray.train.get_dataset_shard("train")
         self.eval_shards = {s: ray.train.get_dataset_shard(s) for s in cfg.data.eval_splits}
@@ -255,10 +255,9 @@ def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str) -
     return {
         "cfg": cfg.to_dict(), "data_root": str(data_root), "run_dir": str(run_dir), "prompts": usable,
         "max_words": manifest["max_words"], "train_images": manifest["splits"]["train"]["images"],
-        "data_mode": data_mode(cfg, manifest),  # also in data_info: checkpoints and summaries say it
         "data_info": {"dataset": manifest["dataset"], "path": str(data_root), "image_size": manifest["image_size"],
                       "max_words": manifest["max_words"], "embedding": json.dumps(manifest["embedding"]),
-                      "mode": data_mode(cfg, manifest)},
+                      "mode": data_mode(cfg, manifest)},  # checkpoints and summaries say it too
     }
 
 
@@ -296,14 +295,15 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     gpu = use_gpu(cfg)
     # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
     resources = {"CPU": cfg.train.cpus_per_worker}
+    loop_config = loop_config_for(cfg, data_root, manifest, run_dir)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config=loop_config_for(cfg, data_root, manifest, run_dir),
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.train.placement_strategy),
         datasets=build_datasets(data_root, manifest, cfg.data.eval_splits, cfg.train.data_cpu_limit,
-                                cached=data_mode(cfg, manifest) == "cache"),
+                                cached=loop_config["data_info"]["mode"] == "cache"),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),
         run_config=RunConfig(
             name=name, storage_path=storage_root, callbacks=list(callbacks),

@@ -77,15 +77,14 @@ def _domain(key: str, spec: dict[str, Any]):
     return tune.uniform(low, high)
 
 
-def _check_value(key: str, value: Any, base: Config) -> None:
-    """A space key must be a real config key, and each value must fit its type and make a
-    valid config on top of the base one (so no trial fails on a bad combination later)."""
-    config_lib.load(None, [*_overrides_of(base), f"{key}={value}"])
-
-
-def _overrides_of(cfg: Config) -> list[str]:
-    return [f"{section}.{k}={'|'.join(v) if isinstance(v, list) else v}"
-            for section, values in cfg.to_dict().items() for k, v in values.items()]
+def with_hyperparameters(base: Config, hp: dict[str, Any]) -> Config:
+    """A copy of ``base`` with ``{"section.key": value}`` applied and validated."""
+    cfg = config_lib.from_dict(base.to_dict())
+    for key, value in hp.items():
+        section, _, name = key.partition(".")
+        config_lib.apply(cfg, {section: {name: value}})
+    config_lib.validate(cfg)
+    return cfg
 
 
 def build_space(search: SearchConfig, base: Config) -> dict[str, Any]:
@@ -98,7 +97,9 @@ def build_space(search: SearchConfig, base: Config) -> dict[str, Any]:
         samples = (spec["values"] if spec.get("type") == "choice" and isinstance(spec.get("values"), list)
                    else [spec.get("low", 1)])
         for value in samples:
-            _check_value(key, value, base)
+            # A real key, a value of its type, and a valid config on top of the base one, so
+            # no trial fails on a bad combination later.
+            with_hyperparameters(base, {key: value})
         space[key] = _domain(key, spec)
     return space
 
@@ -147,10 +148,7 @@ def load_search(path: str | Path | None, overrides: list[str] = ()) -> tuple[Sea
 
 def trial_driver(params: dict) -> None:
     """One Tune trial: the training job with this trial's hyperparameters."""
-    cfg = config_lib.from_dict(params["base"])
-    for key, value in params["hp"].items():
-        config_lib.apply(cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: value}})
-    config_lib.validate(cfg)
+    cfg = with_hyperparameters(config_lib.from_dict(params["base"]), params["hp"])
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
     trainer, _ = make_trainer(cfg, callbacks=[TuneReportCallback()], run_name_override=trial_name,
                               storage_override=params["trials_dir"])
@@ -214,9 +212,7 @@ def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     table = storage.write_csv(storage.join(root, "results.csv"), rows)
     print_table(rows)
     best_row = rows[0]
-    best_cfg = config_lib.from_dict(base.to_dict())
-    for key in search.space:
-        config_lib.apply(best_cfg, {key.split(".", 1)[0]: {key.split(".", 1)[1]: best_row[key]}})
+    best_cfg = with_hyperparameters(base, {key: best_row[key] for key in search.space})
     best_cfg.train.name = f"{search.name}-best"
     best_path = storage.join(root, "best_config.toml")
     storage.write_text(best_path, f"# Best trial {best_row['trial']} of sweep {search.name} "
