@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from t2i import config as config_lib
+from t2i import console
 from t2i.cli import run_job
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes.toml"
@@ -29,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)")
     parser.add_argument("--data", help="prepared dataset folder or URI (same as --set data.path=...)")
     parser.add_argument("--smoke-test", action="store_true", help="a tiny 2-epoch run to check the setup")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs and progress bars (or set T2I_VERBOSE=1)")
     args = parser.parse_args(argv)
+    console.set_verbose(args.verbose)
     overrides = (SMOKE if args.smoke_test else []) + args.overrides
     if args.data:
         overrides.append(f"data.path={args.data}")

@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from t2i import console
 from t2i.cli import run_job
 
 DEFAULT_SEARCH = Path(__file__).resolve().parent / "configs" / "sweeps" / "default.toml"
@@ -25,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="search.<option>=... or any training key for every trial (repeatable)")
     parser.add_argument("--data", help="prepared dataset folder or URI (same as --set data.path=...)")
     parser.add_argument("--smoke-test", action="store_true", help="2 tiny trials, to check the setup")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own logs and progress bars (or set T2I_VERBOSE=1)")
     args = parser.parse_args(argv)
+    console.set_verbose(args.verbose)
     overrides = (SMOKE if args.smoke_test else []) + args.overrides
     if args.data:
         overrides.append(f"data.path={args.data}")

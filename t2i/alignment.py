@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from t2i.console import progress
 from t2i.models.blocks import CaptionEncoder
 
 
@@ -62,7 +63,7 @@ def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_imag
     by_image = [[] for _ in range(len(images))]
     for row, img in enumerate(caption_image):
         by_image[img].append(row)
-    for epoch in range(epochs):
+    for epoch in progress(range(epochs), "train alignment judge", unit="epoch"):
         order = rng.permutation(len(images))
         total = 0.0
         for start in range(0, len(order) - batch + 1, batch):

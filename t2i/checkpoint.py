@@ -21,6 +21,7 @@ import torch
 
 from t2i import config as config_lib
 from t2i import storage
+from t2i.errors import T2IError
 from t2i.models import TextToImage, build_model
 from t2i.text import Vocabulary
 
@@ -31,7 +32,7 @@ FILENAME = "model.pt"
 META = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(T2IError):
     """A checkpoint that is missing, corrupt, foreign or incompatible."""
 
 

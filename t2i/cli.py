@@ -1,8 +1,8 @@
 """``python -m t2i <command>``: prepare data, train, generate, evaluate.
 
 Each subcommand only parses its arguments and calls one function of the package; errors
-that a user can fix (bad paths, bad config keys, broken checkpoints) print one line and
-exit with status 2 instead of a traceback.
+that a user can fix (bad paths, bad config keys, broken checkpoints: ``T2IError``) print
+one line and exit with status 2; any other exception keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 
-from t2i.config import ConfigError
-from t2i.flickr8k import DatasetError
+from t2i import console
+from t2i.errors import T2IError
 
-# ConfigError, DatasetError, CheckpointError and UnknownCaptionError are all ValueErrors.
-USER_ERRORS = (ConfigError, DatasetError, FileNotFoundError, ValueError)
+# Only t2i's own errors (ConfigError, DatasetError, CheckpointError, UnknownCaptionError, ...)
+# are the user's to fix; any other exception is a bug and keeps its traceback.
+USER_ERRORS = (T2IError,)
 
 
 def run_job(work) -> int:
@@ -67,6 +68,7 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _report(args: argparse.Namespace) -> dict:
     from t2i.report import build_report  # noqa: PLC0415
 
+    console.set_verbose(args.verbose)
     return build_report(args.data, runs=args.runs, epochs=args.epochs, out_dir=args.out_dir,
                         max_pairs=args.max_pairs, train_missing=not args.no_train, models=args.models)
 
@@ -122,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--models", nargs="+", help="only these rows (model1 model2 model3 cvae gan); "
                                                  "the others are kept from the existing table2.json")
     rep.add_argument("--out-dir", default="results")
+    rep.add_argument("--verbose", action="store_true", help="also show Ray's own logs while training")
     rep.set_defaults(run=_report)
     return parser
 

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from t2i.errors import T2IError
 
-class ConfigError(ValueError):
+
+class ConfigError(T2IError):
     """A configuration file or override that cannot be applied."""
 
 
@@ -32,6 +34,9 @@ class DataConfig:
     # has one); above it, every epoch streams. Flickr8k at 64x64 needs ~140 MiB.
     cache_mb: int = 2048
     eval_splits: list[str] = field(default_factory=lambda: ["dev"])
+    # Captions scored per evaluation image every epoch (0 = all of them). Fewer make each
+    # epoch's dev pass cheaper; every image is still scored, with captions taken in turn.
+    eval_captions: int = 0
     # Validation prompts rendered to a grid every epoch; empty = the dataset's defaults.
     prompts: list[str] = field(default_factory=list)
     samples_per_prompt: int = 4
@@ -250,6 +255,8 @@ def validate(cfg: Config) -> None:
         problems.append("train.num_workers must be >= 0")
     if cfg.data.batch_size < 1:
         problems.append("data.batch_size must be >= 1")
+    if cfg.data.eval_captions < 0:
+        problems.append("data.eval_captions must be >= 0 (0 = every caption)")
     if cfg.data.cache_mb < 0:
         problems.append("data.cache_mb must be >= 0 (0 = always stream)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:

@@ -23,12 +23,14 @@ import torch
 from t2i import checkpoint as ckpt_lib
 from t2i import metrics, shapes, storage
 from t2i.alignment import DualEncoder, r_precision, to_float, train_dual_encoder
+from t2i.console import progress
 from t2i.data import load_manifest, load_vocabulary, read_split_arrays
 from t2i.flickr8k import DatasetError
 from t2i.losses import gaussian_kl
 from t2i.models import TextToImageVAE
 
 KNN = 50
+GENERATE_BATCH = 256
 JUDGE_FILE = "alignment_judge.pt"
 
 
@@ -129,7 +131,7 @@ def shapes_accuracy(images: torch.Tensor, attributes: dict[str, list[str]], capt
     tiles = images.permute(0, 2, 3, 1).numpy()
     hits = {k: 0 for k in ("color", "shape", "size", "position")}
     all_right = 0
-    for tile, img in zip(tiles, caption_image):
+    for tile, img in progress(zip(tiles, caption_image), "read shapes", total=len(tiles), unit="img"):
         found = shapes.analyse(tile)
         right = [found[k] == attributes[k][img] for k in hits]
         for k, ok in zip(hits, right):
@@ -140,7 +142,7 @@ def shapes_accuracy(images: torch.Tensor, attributes: dict[str, list[str]], capt
 
 
 @torch.no_grad()
-def generate_for(model, ids: np.ndarray, samples: int, seed: int, batch: int = 256):
+def generate_for(model, ids: np.ndarray, samples: int, seed: int, batch: int = GENERATE_BATCH):
     """Deterministic outputs (M, 3, H, W) and ``samples`` draws (M, samples, 3, H, W), in batches."""
     generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(ids), batch):
@@ -191,7 +193,8 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
     generated = torch.empty(len(ids), *truth_all.shape[1:])
     sampled_first = torch.empty_like(generated)
     torch.manual_seed(seed)
-    for start, mean, draws in generate_for(loaded.model, ids, samples, seed):
+    batches = generate_for(loaded.model, ids, samples, seed)
+    for start, mean, draws in progress(batches, f"generate {split}", total=-(-len(ids) // GENERATE_BATCH), unit="batch"):
         truth = truth_all[part["caption_image"][start: start + len(mean)]]
         if isinstance(loaded.model, TextToImageVAE):  # its training objective on test pairs (posterior sample)
             with torch.no_grad():
@@ -228,7 +231,9 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
         for name in ("real", "model_mean", "model_sample", f"baseline_knn{KNN}"):
             if name in rp:
                 table[name]["attributes"] = shapes_accuracy(rp[name], part["attributes"], part["caption_image"])
-    return {"pairs": len(ids), "images": len(part["images"]), "results": table, "copy_check": copies}
+    return {"pairs": len(ids), "images": len(part["images"]),
+            "images_scored": int(len(np.unique(part["caption_image"]))),  # a random subset of pairs misses some
+            "results": table, "copy_check": copies}
 
 
 def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -17,10 +17,12 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from t2i.errors import T2IError
+
 SPLITS = ("train", "dev", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(T2IError):
     """Input that cannot be prepared (missing folder or file, unreadable layout)."""
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from t2i import checkpoint as ckpt_lib
+from t2i.console import progress
+from t2i.errors import T2IError
 from t2i.grid import save_each, save_grid
 from t2i.text import UnknownCaptionError, Vocabulary
 
@@ -54,10 +56,10 @@ def generate(checkpoint: str | Path, prompts: list[str], out: str | Path, n: int
     if captions_file:
         path = Path(captions_file)
         if not path.is_file():
-            raise FileNotFoundError(f"captions file not found: {path}")
+            raise T2IError(f"captions file not found: {path}")
         lines = path.read_text(encoding="utf-8").splitlines()
         images = []
-        for start in range(0, len(lines), batch):
+        for start in progress(range(0, len(lines), batch), "generate", unit="batch"):
             chunk = lines[start: start + batch]
             images.append(sample_prompts(loaded.model, loaded.vocab, chunk, 1, max_words, seed + start)[:, 0])
         if not images:

@@ -1,4 +1,4 @@
-"""Image grids with their prompts (numpy + PIL only)."""
+"""Image grids with their prompts: torchvision tiles the samples, PIL writes the prompts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+from torchvision.utils import make_grid, save_image
 
 PAD = 2
 LINE = 11
@@ -35,9 +37,10 @@ def save_grid(images, prompts: list[str], path: str | Path, scale: int = 2) -> P
         for i, text in enumerate(labels[r]):
             pen.text((PAD, y + PAD + i * LINE), text, fill=(0, 0, 0))
         top = y + PAD + LINE * len(labels[r])
-        for c in range(n):
-            tile = Image.fromarray(tiles[r, c]).resize((w, h), Image.Resampling.NEAREST)
-            canvas.paste(tile, (PAD + c * (w + PAD), top))
+        samples = torch.as_tensor(tiles[r]).permute(0, 3, 1, 2)  # (n, 3, h, w) uint8
+        samples = samples.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # nearest upscale
+        strip = make_grid(samples, nrow=n, padding=PAD, pad_value=255)  # PAD before, between and after
+        canvas.paste(Image.fromarray(strip.permute(1, 2, 0).numpy()), (0, top - PAD))
         y += heights[r]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +53,7 @@ def save_each(images, folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, tile in enumerate(to_uint8(images)):
+    for i, tile in enumerate(torch.as_tensor(images).detach().cpu().float()):
         paths.append(folder / f"{i:05d}.png")
-        Image.fromarray(tile).save(paths[-1])
+        save_image(tile, paths[-1])  # rounds as to_uint8 does
     return paths

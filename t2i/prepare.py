@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps
 
 from t2i import flickr8k, shapes, storage
+from t2i.console import progress
 from t2i.flickr8k import DatasetError, SkipLog
 from t2i.text import UnknownCaptionError, Vocabulary, describe_source, load_glove, vocabulary_for
 
@@ -93,28 +95,58 @@ class ShardWriter:
         return {"images": self.images, "captions": self.captions, "shards": self.shards}
 
 
+def is_t2i_dataset(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest that t2i's ``prepare`` wrote."""
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format", "").startswith("t2i-prepared/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """``prepare`` writes only new folders, empty ones, or (with overwrite) t2i datasets:
+    ``--out data --overwrite`` must never delete a folder of other files."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise DatasetError(f"output folder already exists: {out} (pass --overwrite to replace it)")
+    if not is_t2i_dataset(out):
+        raise DatasetError(f"refusing to overwrite {out}: it is not a t2i dataset (no manifest.json with format "
+                           f"{FORMAT!r}); choose a new --out folder or remove it yourself")
+
+
 @contextmanager
 def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp folder that replaces ``out`` only if the body finishes."""
+    """Yield a private temp folder that becomes ``out`` only if the body finishes.
+
+    Two processes preparing the same ``out`` at once (two jobs that both found the built-in
+    set missing) each write their own staging folder; the first to finish renames it into
+    place, and a later one without ``overwrite`` keeps the finished folder and drops its own
+    copy instead of deleting files the other may be reading."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DatasetError(f"output folder already exists: {out} (pass --overwrite to replace it)")
+    check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if out.exists():  # only reached with overwrite: swap, then remove the old copy
+    if out.exists() and overwrite and any(out.iterdir()):  # swap, then remove the old copy
+        check_replaceable(out, overwrite)  # still a t2i dataset now that we are about to replace it
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         out.rename(old)
         staging.rename(out)
         shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    try:
+        staging.rename(out)  # atomic; fails if another process has put a folder there meanwhile
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_t2i_dataset(out):
+            raise DatasetError(f"{out} appeared while preparing and is not a t2i dataset; nothing was replaced")
 
 
 def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips: SkipLog):
@@ -194,7 +226,8 @@ def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: st
             names = [n for n in chosen if source.split_of[n] == split]
             writer = ShardWriter(root, split, row_schema, shard_rows)
             tasks = ((str(source.image_dir / n), size) for n in names)
-            for name, (pixels, error) in zip(names, pool.map(_load_image_task, tasks, chunksize=32)):
+            loaded = zip(names, pool.map(_load_image_task, tasks, chunksize=32))
+            for name, (pixels, error) in progress(loaded, f"prepare {split}", total=len(names), unit="img"):
                 if pixels is None:
                     skips.add("unreadable image", error)
                     continue
@@ -234,7 +267,7 @@ def prepare_shapes(out: str | Path, n: int = 20000, seed: int = 0, glove: str | 
     with staged_output(Path(out), overwrite) as root:
         write_vocab(vocab, root)
         writers = {s: ShardWriter(root, s, row_schema, shard_rows) for s in ("train", "dev", "test", "novel")}
-        for split, row in _shape_rows(n, seed, vocab, skips):
+        for split, row in progress(_shape_rows(n, seed, vocab, skips), "prepare shapes", total=n, unit="img"):
             writers[split].add(row)
         return write_manifest(
             root, dataset="shapes", source=f"built-in shapes (n={n}, seed={seed})", seed=seed,

@@ -104,7 +104,8 @@ def render_markdown(rows: list[dict], command: str) -> str:
     lines = [
         "# Table 2, reproduced (Flickr8k official split, 64x64)",
         "",
-        f"Test split: {first['images']} images, {first['pairs']} caption/image pairs; hardware: {hardware()}.",
+        f"Test split: {first['images']} images; scored: {first['pairs']} caption/image pairs showing "
+        f"{first.get('images_scored', '?')} of those images; hardware: {hardware()}.",
         "Generated = from the caption alone (prior mean; `sample` = one random draw). Lower MSE is better,",
         "higher PSNR/SSIM/R-precision is better. Sharpness is the variance of the Laplacian relative to the",
         "real test images (1.0 = as sharp as real photos). R-precision: top-1 rate of the true caption among",

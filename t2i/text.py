@@ -18,17 +18,35 @@ from typing import Iterable
 
 import numpy as np
 
+from t2i.errors import T2IError
+
 PAD = "<pad>"
-_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|'[a-z]+")
+# GloVe 6B's corpus went through the Stanford (Penn Treebank) tokenizer, which splits these
+# clitics off: its vocabulary has "'s" and "n't" but no "man's" or "don't".
+CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")
 
 
-class UnknownCaptionError(ValueError):
+class UnknownCaptionError(T2IError):
     """A caption with no word that the vocabulary knows."""
 
 
 def tokenize(caption: str) -> list[str]:
-    """Lowercase word tokens; punctuation is dropped ("A dog's ball." -> a, dog's, ball)."""
-    return _TOKEN.findall(caption.lower())
+    """Lowercase word tokens as GloVe 6B saw them: punctuation dropped, clitics split off
+    ("A man's dog doesn't run." -> a, man, 's, dog, does, n't, run; "a horse 's lead" keeps
+    its "'s", which Flickr8k's already-tokenized captions have 394 times)."""
+    tokens = []
+    for token in _TOKEN.findall(caption.lower().replace("\u2019", "'")):
+        if token.startswith("'"):  # already split ("horse 's", as Flickr8k's captions are) or a quote
+            tokens.append(token if token in CLITICS else token[1:])
+        elif token.endswith("n't") and len(token) > 3:
+            tokens += [token[:-3], "n't"]
+        elif "'" in token and token[token.index("'"):] in CLITICS:
+            cut = token.index("'")
+            tokens += [token[:cut], token[cut:]]
+        else:
+            tokens.append(token)
+    return tokens
 
 
 @dataclass
@@ -108,7 +126,7 @@ def load_glove(glove_path: str | Path | None, words: Iterable[str] | None = None
     else:
         path = Path(glove_path)
         if not path.is_file():
-            raise FileNotFoundError(f"GloVe file not found: {path}")
+            raise T2IError(f"GloVe file not found: {path}")
         dim = None
         with path.open("r", encoding="utf-8", errors="replace") as handle:
             for line_no, line in enumerate(handle, 1):
@@ -119,10 +137,10 @@ def load_glove(glove_path: str | Path | None, words: Iterable[str] | None = None
                 if dim is None:
                     dim = vec.size
                 if vec.size != dim or dim == 0:
-                    raise ValueError(f"{path}:{line_no}: expected {dim} numbers, got {vec.size}")
+                    raise T2IError(f"{path}:{line_no}: expected {dim} numbers, got {vec.size}")
                 found.setdefault(word, vec)
         if dim is None:
-            raise ValueError(f"{path}: no usable vectors (is it a GloVe .txt file?)")
+            raise T2IError(f"{path}: no usable vectors (is it a GloVe .txt file?)")
     order = [w for w in (wanted if wanted is not None else found) if w in found and w != PAD]
     dim = next(iter(found.values())).size if found else 50
     vectors = np.zeros((len(order) + 1, dim), dtype=np.float32)

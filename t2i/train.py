@@ -13,29 +13,36 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.queue import Empty, Queue
 
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
-from t2i import monitor, storage
+from t2i import console, monitor, storage
 from t2i.config import Config
 from t2i.data import (ShardCache, build_datasets, ensure_shapes, load_manifest, load_vocabulary, to_model_inputs,
                       worker_shard_bytes)
 from t2i.families import Family, make_family
 from t2i.generate import render_prompts
+from t2i.models import build_model, count_parameters
 
 METRIC = ckpt_lib.SELECTION_METRIC  # what Ray keeps checkpoints by (see t2i.checkpoint)
+EVAL_BATCH = 256  # evaluation batch size at least (training's may be smaller)
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -103,6 +110,8 @@ def train_func(loop_config: dict) -> None:
     if resumed:
         family.load_networks(resumed)
         start_epoch = resumed["epoch"] + 1
+    for net in family.networks().values():  # matches the channels-last images of to_model_inputs
+        net.to(memory_format=torch.channels_last)
     family.wrap(ray.train.torch.prepare_model)  # DDP around every network, then optimizers
     _record_placement(run_dir, rank, device)
     if resumed:
@@ -170,7 +179,8 @@ class EpochFeed:
                                                    local_shuffle_buffer_size=4 * batch_size)
 
     def eval_batches(self, split: str):
-        batch_size = self.cfg.data.batch_size
+        # No gradients and BatchNorm in eval mode: larger batches score the same numbers faster.
+        batch_size = max(self.cfg.data.batch_size, EVAL_BATCH)
         if self.cached:
             return self._cache(split).ordered_batches(batch_size)
         return self.eval_shards[split].iter_torch_batches(batch_size=batch_size)
@@ -179,7 +189,8 @@ class EpochFeed:
 def data_mode(cfg: Config, manifest: dict) -> str:
     """"cache" when one worker's share of the data fits ``data.cache_mb``, else "stream"."""
     workers = max(1, cfg.train.num_workers)
-    fits = worker_shard_bytes(manifest, cfg.data.eval_splits, workers) <= cfg.data.cache_mb * 2 ** 20
+    need = worker_shard_bytes(manifest, cfg.data.eval_splits, workers, cfg.data.eval_captions)
+    fits = need <= cfg.data.cache_mb * 2 ** 20
     return "cache" if fits else "stream"
 
 
@@ -227,6 +238,7 @@ def _report(metrics, rank, family: Family, cfg, vocab, loop_config, run_dir, epo
             checkpoint = ray.train.Checkpoint.from_directory(folder)
             if local_mode(cfg):  # Ray persists nothing in local mode: keep every epoch ourselves
                 storage.copy_dir(folder, storage.join(run_dir, f"checkpoint_local_epoch{epoch:04d}"))
+                print(console.epoch_line(metrics, cfg.train.epochs), flush=True)  # no controller to relay it
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
@@ -242,8 +254,7 @@ def run_name(cfg: Config, manifest: dict) -> str:
     return cfg.train.name or f"{manifest['dataset']}-{cfg.model.family}"
 
 
-def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str) -> dict:
-    vocab = load_vocabulary(data_root)
+def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str, vocab) -> dict:
     prompts = cfg.data.prompts or manifest.get("prompts") or []
     usable = []
     for prompt in prompts:
@@ -277,8 +288,17 @@ def use_gpu(cfg: Config) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= max(1, cfg.train.num_workers)
 
 
-def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None, storage_override: str | None = None):
-    """The TorchTrainer for ``cfg`` (also used by Tune trials). Returns (trainer, run_dir)."""
+@dataclass
+class TrainerPlan:
+    """A ready ``TorchTrainer``, its run folder, and what :func:`console.run_line` says."""
+    trainer: TorchTrainer
+    run_dir: str
+    facts: dict
+
+
+def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None,
+                 storage_override: str | None = None) -> TrainerPlan:
+    """The TorchTrainer for ``cfg`` (also used by Tune trials)."""
     data_root = resolve_data(cfg)
     manifest = load_manifest(data_root)
     for split in cfg.data.eval_splits:
@@ -289,13 +309,15 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     storage_root = storage.absolute(storage_override or cfg.train.storage_path)
     check_cluster_storage(cfg, {"data.path": data_root, "train.storage_path": storage_root})
     run_dir = storage.join(storage_root, name)
-    check_resume(run_dir, cfg)
+    resumed = check_resume(run_dir, cfg)
     # The dashboard's Train view lists runs only when this is set in the driver (read there).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpu = use_gpu(cfg)
     # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
     resources = {"CPU": cfg.train.cpus_per_worker}
-    loop_config = loop_config_for(cfg, data_root, manifest, run_dir)
+    vocab = load_vocabulary(data_root)
+    loop_config = loop_config_for(cfg, data_root, manifest, run_dir, vocab)
+    quiet_ray_data()  # before the datasets copy Ray Data's context
     trainer = TorchTrainer(
         train_func,
         train_loop_config=loop_config,
@@ -303,7 +325,8 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.train.placement_strategy),
         datasets=build_datasets(data_root, manifest, cfg.data.eval_splits, cfg.train.data_cpu_limit,
-                                cached=loop_config["data_info"]["mode"] == "cache"),
+                                cached=loop_config["data_info"]["mode"] == "cache",
+                                eval_captions=cfg.data.eval_captions),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),
         run_config=RunConfig(
             name=name, storage_path=storage_root, callbacks=list(callbacks),
@@ -312,7 +335,12 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
                                                checkpoint_score_attribute=METRIC, checkpoint_score_order="min"),
         ),
     )
-    return trainer, run_dir
+    facts = {"family": cfg.model.family, "parameters": count_parameters(build_model(cfg.model, vocab.vectors)),
+             "dataset": manifest["dataset"], "train_images": manifest["splits"]["train"]["images"],
+             "workers": cfg.train.num_workers, "cpus_per_worker": cfg.train.cpus_per_worker,
+             "device": "GPU" if gpu else "CPU", "data_mode": loop_config["data_info"]["mode"],
+             "start_epoch": resumed["epoch"] + 1 if resumed else 0, "epochs": cfg.train.epochs, "run_dir": run_dir}
+    return TrainerPlan(trainer, run_dir, facts)
 
 
 class ExactEvalDataConfig(DataConfig):
@@ -370,8 +398,34 @@ def check_cluster_storage(cfg: Config, locations: dict[str, str]) -> None:
             raise config_lib.ConfigError(problem)
 
 
+def quiet_ray_before_init() -> None:
+    """Environment knobs Ray reads at import or start (before ``ray.init``; a local Ray's
+    processes inherit them). Each stays overridable from the shell."""
+    if console.verbose():
+        return
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else worker prints appear twice
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # a FutureWarning in every Train run
+
+
+def quiet_ray_data() -> None:
+    """Ray Data's per-execution plans and progress bars off. Each Dataset copies the current
+    ``DataContext`` when it is created: call this before building datasets."""
+    if console.verbose():
+        return
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.enable_operator_progress_bars = False
+    context.print_on_execution_start = False
+    context.execution_options.verbose_progress = False
+
+
 def start_ray() -> None:
     """Connect to the cluster at RAY_ADDRESS, or start a local one.
+
+    Unless verbose, the output of Ray's workers and actors (Ray Data's execution plans,
+    Train's state transitions, deprecation warnings) stays in Ray's log files
+    (``log_to_driver=False``); the epoch lines reach the driver through :func:`following`.
 
     A local Ray started here inherits this process's environment: one Parquet footer-reader
     actor instead of Ray Data's default pool of 32, which on a small machine took seconds to
@@ -379,21 +433,82 @@ def start_ray() -> None:
     A cluster keeps its own settings (set them in its runtime environment)."""
     if ray.is_initialized():
         return
+    quiet_ray_before_init()
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-    ray.init()
+    loud = console.verbose()
+    context = ray.init(log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
+    if not loud:
+        print(f"t2i: Ray {'cluster at ' + os.environ['RAY_ADDRESS'] if os.environ.get('RAY_ADDRESS') else 'started locally'}"
+              f"; dashboard {'http://' + context.dashboard_url if context.dashboard_url else 'off'}; --verbose shows Ray's own logs", flush=True)
+
+
+class EpochRelay(ray.train.UserCallback):
+    """On the Train controller: hand rank 0's metrics of every report to the driver."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics:
+            self.queue.put(metrics[0])
+
+
+@contextlib.contextmanager
+def following(epochs: int, printer=print):
+    """Yield an :class:`EpochRelay` to pass in ``RunConfig(callbacks=...)``; print one
+    :func:`console.epoch_line` per report it relays until the block ends.
+
+    Train V2 runs callbacks in a controller actor, not in the driver: its prints would reach
+    the terminal only with Ray's forwarding (and everything else Ray forwards) on. A queue
+    actor carries the metrics to a thread here instead, also under ``ray job submit``."""
+    queue = Queue(actor_options={"num_cpus": 0})
+    stop = threading.Event()
+
+    def drain(timeout: float | None) -> None:
+        while True:
+            try:
+                metrics = queue.get(block=timeout is not None, timeout=timeout)
+            except Empty:
+                return
+            printer(console.epoch_line(metrics, epochs), flush=True)
+            timeout = None  # print whatever else is waiting, then block again
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                drain(timeout=2.0)
+            except Exception:  # noqa: BLE001 - the queue actor is gone: the run is over
+                return
+
+    thread = threading.Thread(target=loop, name="t2i-epoch-lines", daemon=True)
+    thread.start()
+    try:
+        yield EpochRelay(queue)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        with contextlib.suppress(Exception):
+            drain(timeout=None)  # the last epoch's line, if the thread had not printed it yet
+            queue.shutdown()
 
 
 def fit(cfg: Config) -> dict:
     """Train (or resume) the run described by ``cfg``; returns :func:`summarize`'s dict."""
     start_ray()
-    trainer, run_dir = make_trainer(cfg)  # has already checked the checkpoint it would resume
-    checkpoints = ckpt_lib.run_checkpoints(run_dir)  # epochs from meta.json: no second weights read
-    if checkpoints and checkpoints[-1][0] + 1 >= cfg.train.epochs:
-        print(f"{run_dir} already finished epoch {checkpoints[-1][0]}; raise train.epochs to train longer")
-        return summarize(run_dir)
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as exc:  # raised once max_failures is used up
-        return summarize(run_dir, exc)
-    return summarize(run_dir, result.error)
+    started = time.perf_counter()
+    with following(cfg.train.epochs) as relay:
+        plan = make_trainer(cfg, callbacks=[relay])  # has already checked the checkpoint it would resume
+        checkpoints = ckpt_lib.run_checkpoints(plan.run_dir)  # epochs from meta.json: no second weights read
+        if checkpoints and checkpoints[-1][0] + 1 >= cfg.train.epochs:
+            print(f"{plan.run_dir} already finished epoch {checkpoints[-1][0]}; raise train.epochs to train longer")
+            return summarize(plan.run_dir)
+        print(console.run_line(plan.facts), flush=True)
+        error = None
+        try:
+            error = plan.trainer.fit().error
+        except ray.train.TrainingFailedError as exc:  # raised once max_failures is used up
+            error = exc
+    summary = summarize(plan.run_dir, error)
+    print(console.summary_line(summary, time.perf_counter() - started), flush=True)
+    return summary

@@ -21,7 +21,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from t2i import config as config_lib
-from t2i import storage
+from t2i import console, storage
 from t2i.config import Config, ConfigError
 from t2i.families import FAMILIES
 from t2i.train import check_cluster_storage, make_trainer, resolve_data, start_ray, summarize
@@ -146,13 +146,39 @@ def load_search(path: str | Path | None, overrides: list[str] = ()) -> tuple[Sea
     return search, base
 
 
+class TrialLines(tune.Callback):
+    """On the sweep's driver: a line when a trial starts, one per trial epoch (the run's
+    epoch line prefixed by the trial), and one when it ends. Unless verbose, these replace
+    Tune's status tables (``RunConfig(verbose=0)``)."""
+
+    def __init__(self, epochs: int, printer=print):
+        self.epochs = epochs
+        self.printer = printer
+
+    def _say(self, trial, text: str) -> None:
+        self.printer(f"[trial_{trial.trial_id}] {text}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._say(trial, "started: " + ", ".join(f"{k}={v}" for k, v in trial.config.get("hp", {}).items()))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result:
+            self._say(trial, console.epoch_line(result, self.epochs))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._say(trial, "finished")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._say(trial, f"failed (details in {trial.local_path or 'the sweep folder'})")
+
+
 def trial_driver(params: dict) -> None:
     """One Tune trial: the training job with this trial's hyperparameters."""
     cfg = with_hyperparameters(config_lib.from_dict(params["base"]), params["hp"])
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
-    trainer, _ = make_trainer(cfg, callbacks=[TuneReportCallback()], run_name_override=trial_name,
-                              storage_override=params["trials_dir"])
-    trainer.fit()
+    plan = make_trainer(cfg, callbacks=[TuneReportCallback()], run_name_override=trial_name,
+                        storage_override=params["trials_dir"])
+    plan.trainer.fit()
 
 
 def sweep_dir(search: SearchConfig, base: Config) -> str:
@@ -184,7 +210,9 @@ def run(search: SearchConfig, base: Config) -> dict:
                                         max_concurrent_trials=search.max_concurrent_trials,
                                         search_alg=tune.search.BasicVariantGenerator(
                                             random_state=search.seed, max_concurrent=search.max_concurrent_trials)),
-            run_config=tune.RunConfig(name=search.name, storage_path=base.train.storage_path),
+            run_config=tune.RunConfig(name=search.name, storage_path=base.train.storage_path,
+                                      callbacks=[TrialLines(base.train.epochs)],
+                                      verbose=None if console.verbose() else 0),
         )
     grid = tuner.fit()
     return report(grid, search, base, root)

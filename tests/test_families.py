@@ -8,7 +8,7 @@ from conftest import REPO
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
 from t2i.alignment import to_float
-from t2i.data import ShardCache, load_manifest, load_vocabulary, read_split_arrays
+from t2i.data import ShardCache, eval_caption_rows, load_manifest, load_vocabulary, read_split_arrays
 from t2i.evaluate import shapes_accuracy
 from t2i.families import GANFamily, make_family, mismatched_captions
 from t2i.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, kl_weight,
@@ -169,3 +169,26 @@ def test_shard_cache_order_is_seeded_and_drops_the_partial_batch():
     assert first != epoch(0, 1) and first != epoch(1, 0) and first != epoch(0, 0, rank=1)
     for imgs, caps in first:
         assert all(c // 3 == i for i, c in zip(imgs, caps))  # each caption belongs to its image
+
+
+def test_evaluation_scores_every_image_with_captions_in_turn():
+    offsets = np.array([10, 15, 20, 22, 27])  # four images with 5, 5, 2 and 5 caption rows
+    assert eval_caption_rows(offsets, 0).tolist() == list(range(10, 27))  # all of them
+    assert eval_caption_rows(offsets, 1).tolist() == [10, 16, 20, 25]  # image i: its caption i mod count
+    assert eval_caption_rows(offsets, 2).tolist() == [10, 11, 16, 17, 20, 21, 25, 26]
+    assert sorted(eval_caption_rows(offsets, 9).tolist()) == list(range(10, 27))  # capped at each count
+
+
+def test_all_captions_pairs_each_image_with_its_own_captions(shapes_dir):
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from t2i.data import all_captions, decode_images, shard_paths  # noqa: PLC0415
+
+    manifest = load_manifest(shapes_dir)
+    table = pq.read_table(shard_paths(shapes_dir, manifest, "dev")[0], columns=["image", "word_ids"])
+    images = decode_images(table.column("image"), 64)
+    captions = table.column("word_ids").to_pylist()
+    every, one = all_captions(table, 64), all_captions(table, 64, per_image=1)
+    assert len(every["image"]) == sum(len(c) for c in captions) and len(one["image"]) == len(images)
+    for i, (image, ids) in enumerate(zip(one["image"], one["word_ids"])):
+        assert np.array_equal(image, images[i]) and ids.tolist() == captions[i][i % len(captions[i])]

@@ -73,6 +73,19 @@ def test_generate_bad_input_is_reported(checkpoint, tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_an_internal_error_keeps_its_traceback(checkpoint, tmp_path, monkeypatch):
+    """Only t2i's own errors are the user's to fix; a ValueError from inside numpy or torch
+    is a bug and must not be flattened into one line."""
+    import t2i.generate  # noqa: PLC0415
+
+    def broken(*args, **kwargs):
+        raise ValueError("operands could not be broadcast together")  # as numpy would
+
+    monkeypatch.setattr(t2i.generate, "generate", broken)
+    with pytest.raises(ValueError, match="broadcast"):
+        cli_main(["generate", "--checkpoint", str(checkpoint), "red", "--out", str(tmp_path / "x.png")])
+
+
 def test_metrics_on_known_images():
     a = torch.zeros(2, 3, 64, 64)
     b = torch.full((2, 3, 64, 64), 0.5)
@@ -108,6 +121,29 @@ def test_pixel_judge_reads_softened_shapes_and_wrong_ones(shapes_dir):
                  shapes.ShapeSpec("red", "triangle", "large", "center", 32.0, 32.0, 28.0),
                  shapes.ShapeSpec("cyan", "square", "small", "left", 17.0, 32.0, 14.0)):
         assert shapes.analyse(shapes.draw(spec))["shape"] == spec.shape
+
+
+# Brightness (in 1/20) of a small cyan square drawn by a trained cvae for "a small cyan square
+# in the center": soft edges, a ragged half-bright column down each side. Its bounding box is
+# a pixel too wide, and the judge read it as a circle until it fitted templates a pixel in.
+GENERATED_SMALL_SQUARE = [
+    [0, 1, 2, 4, 5, 6, 6, 5, 5, 5, 5, 5, 5, 5, 4, 3, 1, 0], [0, 2, 8, 12, 13, 13, 13, 13, 12, 13, 13, 13, 13, 13, 12, 10, 5, 1],
+    [1, 5, 12, 15, 16, 16, 16, 16, 15, 15, 15, 16, 16, 16, 15, 14, 9, 1], [1, 7, 14, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 15, 11, 2],
+    [1, 8, 14, 16, 16, 17, 17, 17, 17, 17, 17, 17, 17, 16, 16, 15, 10, 1], [1, 9, 15, 16, 17, 17, 17, 17, 17, 17, 17, 17, 17, 17, 16, 15, 10, 1],
+    [1, 9, 15, 16, 17, 17, 17, 17, 18, 18, 18, 17, 17, 17, 16, 15, 10, 1], [1, 9, 15, 16, 17, 17, 18, 18, 18, 18, 18, 18, 17, 17, 16, 15, 9, 1],
+    [1, 9, 15, 16, 17, 17, 18, 18, 18, 18, 18, 18, 17, 17, 16, 15, 9, 1], [1, 8, 15, 16, 17, 17, 18, 18, 18, 18, 18, 18, 18, 17, 16, 15, 9, 1],
+    [1, 8, 14, 16, 17, 17, 18, 18, 18, 18, 18, 18, 17, 17, 16, 14, 8, 1], [1, 7, 14, 16, 17, 17, 17, 18, 18, 18, 18, 18, 17, 17, 16, 14, 8, 1],
+    [1, 7, 13, 16, 16, 17, 17, 17, 17, 17, 17, 17, 17, 17, 16, 14, 8, 1], [1, 7, 13, 16, 16, 16, 17, 17, 17, 17, 17, 17, 17, 16, 16, 14, 8, 1],
+    [1, 6, 12, 15, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 15, 12, 6, 1], [1, 3, 7, 10, 11, 11, 11, 11, 11, 11, 11, 11, 11, 11, 9, 6, 3, 1],
+    [0, 0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 1, 0, 0]]
+
+
+def test_pixel_judge_reads_a_generated_soft_square():
+    brightness = np.zeros((64, 64), dtype=np.float32)
+    brightness[24:41, 23:41] = np.array(GENERATED_SMALL_SQUARE, dtype=np.float32) / 20
+    cyan = np.array(shapes.COLORS["cyan"], dtype=np.float32) / max(shapes.COLORS["cyan"])
+    found = shapes.analyse(brightness[:, :, None] * cyan)
+    assert (found["shape"], found["color"], found["size"], found["position"]) == ("square", "cyan", "small", "center")
 
 
 def test_copy_check_flags_redrawn_training_images(shapes_dir):

@@ -7,7 +7,8 @@ from PIL import Image
 
 from t2i import shapes
 from t2i.flickr8k import DatasetError, hash_split
-from t2i.prepare import prepare_flickr8k, prepare_shapes
+from t2i.data import load_manifest
+from t2i.prepare import prepare_flickr8k, prepare_shapes, staged_output
 
 from conftest import FLICKR8K, needs_flickr8k
 
@@ -97,6 +98,28 @@ def test_existing_output_is_refused_then_replaced_only_with_overwrite(tmp_path):
     prepare_shapes(out, n=30, seed=1, overwrite=True)
     assert json.loads((out / "manifest.json").read_text())["source"].endswith("(n=30, seed=1)")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_t2i_dataset(tmp_path):
+    precious = tmp_path / "data"
+    (precious / "notes").mkdir(parents=True)
+    (precious / "notes" / "thesis.txt").write_text("years of work")
+    with pytest.raises(DatasetError, match="not a t2i dataset"):
+        prepare_shapes(precious, n=20, seed=1, overwrite=True)
+    assert (precious / "notes" / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
+
+
+def test_two_preparations_of_one_folder_keep_the_first_finished(tmp_path):
+    """A second job that finds the folder finished by a twin meanwhile keeps it, not its own."""
+    out = tmp_path / "shapes"
+    with staged_output(out, overwrite=False) as staging:
+        (staging / "mine.txt").write_text("late copy")
+        prepare_shapes(out, n=20, seed=1)  # the twin finishes first
+        first = (out / "manifest.json").read_text()
+    assert (out / "manifest.json").read_text() == first and not (out / "mine.txt").exists()
+    assert load_manifest(out)["splits"]
+    assert [p.name for p in tmp_path.iterdir()] == ["shapes"]  # no staging left behind
 
 
 def test_shapes_deterministic_with_attributes_and_novel_split(tmp_path):

@@ -1,12 +1,24 @@
 import numpy as np
 import pytest
 
+from t2i.errors import T2IError
 from t2i.text import PAD, UnknownCaptionError, load_glove, tokenize, vocabulary_for
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
-    assert tokenize("A Dog's ball, in the PARK!") == ["a", "dog's", "ball", "in", "the", "park"]
+    assert tokenize("A Dog's ball, in the PARK!") == ["a", "dog", "'s", "ball", "in", "the", "park"]
     assert tokenize("  ... ") == []
+
+
+def test_tokenize_splits_clitics_as_glove_saw_them():
+    """GloVe 6B has "'s" and "n't" but no "man's": "a man's hat" must keep "man"."""
+    assert tokenize("A man\u2019s dog doesn't run; they're here, can't stop") == [
+        "a", "man", "'s", "dog", "does", "n't", "run", "they", "'re", "here", "ca", "n't", "stop"]
+    assert tokenize("a horse 's lead") == ["a", "horse", "'s", "lead"]  # Flickr8k's captions come split
+    assert tokenize("the 'big' dog") == ["the", "big", "dog"]  # quotes are not clitics
+    vocab = load_glove(None, ["a", "man", "'s", "hat", "does", "n't"])
+    mean, ids = vocab.encode("a man's hat doesn't", 8)
+    assert [vocab.words[i] for i in ids if i] == ["a", "man", "'s", "hat", "does", "n't"]
 
 
 def test_package_glove_known_vector_and_order():
@@ -49,7 +61,7 @@ def test_stanford_text_file_is_streamed_and_restricted(tmp_path):
 def test_broken_glove_file_is_reported(tmp_path):
     path = tmp_path / "bad.txt"
     path.write_text("the 0.1 0.2\ndog 1\n")
-    with pytest.raises(ValueError, match="expected 2 numbers"):
+    with pytest.raises(T2IError, match="expected 2 numbers"):
         load_glove(path, ["the", "dog"])
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(T2IError, match="GloVe file not found"):
         load_glove(tmp_path / "missing.txt", ["the"])

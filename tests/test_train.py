@@ -1,6 +1,8 @@
 """Training on tiny shapes: loss falls, checkpoints reload, resume and fault tolerance."""
 
+import contextlib
 import csv
+import io
 import json
 import shutil
 
@@ -84,11 +86,14 @@ def two_worker_run(shapes_dir, tmp_path_factory, ray_session):
     from t2i.train import fit
 
     tmp = tmp_path_factory.mktemp("runs2")
-    return fit(tiny_cfg(shapes_dir, tmp, "train.num_workers=2", "train.epochs=3")), tmp
+    console = io.StringIO()
+    with contextlib.redirect_stdout(console):
+        summary = fit(tiny_cfg(shapes_dir, tmp, "train.num_workers=2", "train.epochs=3"))
+    return summary, tmp, console.getvalue()
 
 
 def test_two_workers_loss_falls_and_dev_is_exact(two_worker_run, shapes_dir):
-    summary, tmp = two_worker_run
+    summary, tmp, _ = two_worker_run
     assert summary["error"] is None and summary["data_mode"] == "cache"
     states = sorted((ckpt_lib.read_state(p) for p in tmp.glob("run/checkpoint_*/model.pt")), key=lambda s: s["epoch"])
     assert [s["epoch"] for s in states] == [0, 1, 2]
@@ -97,8 +102,20 @@ def test_two_workers_loss_falls_and_dev_is_exact(two_worker_run, shapes_dir):
     json.dumps(summary)  # the job's last line must be valid JSON
 
 
+def test_driver_prints_one_line_per_epoch(two_worker_run):
+    """The epoch lines come from the Train controller through the relay to the driver."""
+    summary, _, console = two_worker_run
+    lines = console.strip().splitlines()
+    assert lines[0].startswith("t2i: cvae (") and "2 workers x 0.45 CPU on CPU" in lines[0] and "data: cache" in lines[0]
+    epochs = [line for line in lines if line.startswith("epoch ")]
+    assert [line.split(" | ")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("dev MSE from caption" in line and "img/s" in line and "ETA" in line for line in epochs)
+    assert epochs[-1].endswith("ETA 0s")
+    assert lines[-1].startswith("t2i: 3 epoch(s) done in ") and summary["best_checkpoint"] in lines[-1]
+
+
 def test_checkpoint_reloads_and_generates_same_images(two_worker_run):
-    summary, _ = two_worker_run
+    summary, _, _ = two_worker_run
     loaded = ckpt_lib.load(summary["best_checkpoint"])
     prompts = ["a small red circle in the top left corner", "a big blue square"]
     a = sample_prompts(loaded.model, loaded.vocab, prompts, 3, 32, seed=7)

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,11 @@ def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path
         time.sleep(1)
     assert proc.poll() is None, "the sweep ended before it could be interrupted:\n" + proc.stdout.read()[-3000:]
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
+    output = proc.communicate(timeout=120)[0]
+    # A person's console: one line per trial epoch, prefixed by the trial; Ray's internals quiet.
+    assert re.search(r"^\[trial_\w+\] epoch 1/2 \| train loss [\d.]+ \| dev loss", output, re.M), output[-3000:]
+    for noise in ("Execution plan", "State Transition", "TrainController", "TrainingReport("):
+        assert noise not in output, (noise, output[-3000:])
     before = trial_epochs(tmp_path / "sw")
     finished = [name for name, epochs in before.items() if epochs == [0, 1]]
     assert len(finished) == 1, before
