@@ -143,6 +143,34 @@ def check_compatible(state: dict, cfg: config_lib.Config, where: str) -> None:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
         raise CheckpointError(f"{where} was trained with a different model config ({shown}); "
                               "use a new train.name or the original config")
+    # An optimizer's state only fits the same optimizer (RMSprop's state in Adam died with
+    # KeyError: 'betas' in every retry); the schedule's state likewise.
+    saved_optim, wanted_optim = state["config"].get("optim", {}), cfg.to_dict()["optim"]
+    diffs = {k: (saved_optim.get(k), wanted_optim[k]) for k in RESUME_FIXED_OPTIM
+             if saved_optim.get(k) != wanted_optim[k]}
+    if diffs:
+        shown = ", ".join(f"optim.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diffs.items())
+        raise CheckpointError(f"{where} cannot continue with another optimizer or schedule ({shown}); "
+                              "use a new train.name, or the original setting to continue")
+
+
+RESUME_FIXED_OPTIM = ("name", "schedule")  # learning rates and betas may change on resume
+
+
+def check_same_vocabulary(state: dict, vocab: Vocabulary, data: str, where: str) -> None:
+    """Word ids index the checkpoint's frozen word vectors: resuming on data with another
+    vocabulary (or other vectors for it) would silently pair ids with other words' vectors."""
+    words = list(state["vocab"])
+    if words != list(vocab.words):
+        differ = sorted(set(words) ^ set(vocab.words))[:5]
+        raise CheckpointError(f"{where} was trained on another vocabulary ({len(words)} words) than {data} "
+                              f"({len(vocab.words)} words; e.g. {', '.join(differ) or 'same words, other order'}); "
+                              "use a new train.name, or the data it was trained on")
+    vectors = state["model"].get("text.vectors")  # the generator's frozen word table
+    if vectors is not None and (tuple(vectors.shape) != vocab.vectors.shape
+                                or not np.allclose(vectors.numpy(), vocab.vectors, atol=1e-6)):
+        raise CheckpointError(f"{where} was trained with other word vectors than {data} (another GloVe file?); "
+                              "use a new train.name, or the data it was trained on")
 
 
 def run_checkpoints(run_dir: str | Path) -> list[tuple[int, dict, str]]:

@@ -68,6 +68,13 @@ def epoch_line(metrics: dict, epochs: int) -> str:
     return " | ".join(parts)
 
 
+def failure_line(failed: dict) -> str:
+    """Workers that raised or died (rank -> first line of the error)."""
+    ranks = "; ".join(f"rank {rank}: {error}" for rank, error in sorted(failed.items()))
+    return (f"t2i: worker failure ({ranks}); Ray Train restarts the workers from the latest checkpoint "
+            "while train.max_failures allows")
+
+
 def run_line(facts: dict) -> str:
     """The first line of a run: what trains on what, where, and where it writes."""
     workers = facts["workers"]

@@ -169,7 +169,8 @@ def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], dat
         # Without a cap Ray Data's tasks and the train workers fight for 2 cores and can stall.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=data_cpu_limit)
     size = manifest["image_size"]
-    train = ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle="files").select_columns(TRAIN_COLUMNS)
+    columns = TRAIN_COLUMNS + ["image_id"] if cached else TRAIN_COLUMNS  # the cache sorts by image id
+    train = ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle="files").select_columns(columns)
     if not cached:
         train = train.map_batches(pick_caption, fn_kwargs={"image_size": size}, batch_format="pyarrow")
     datasets = {"train": train}
@@ -197,6 +198,11 @@ class ShardCache:
 
     @classmethod
     def from_train_tables(cls, tables, image_size: int, device) -> "ShardCache":
+        # Ray Data delivers the shard's files in a different order every run: sorted by image
+        # id, the seeded epoch order below picks the same images in every run of one seed.
+        tables = list(tables)
+        if tables and "image_id" in tables[0].column_names:
+            tables = [pa.concat_tables(tables).sort_by("image_id").combine_chunks()]
         images, rows, offsets = [], [], [np.zeros(1, np.int64)]
         for table in tables:
             starts, values = _caption_rows(table.column("word_ids"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from typing import Callable
 
 import numpy as np
@@ -52,6 +53,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: i
     if cfg.schedule == "cosine":
         return sched.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     return sched.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def extend_schedule(scheduler, epochs: int) -> None:
+    """A resumed cosine schedule follows the current ``train.epochs``: its saved state
+    still holds the old length, so after raising the epochs (as the "already finished"
+    message advises) the learning rate would climb from ~0 back to its peak. Here it
+    continues on the cosine of the new length from the epoch reached (closed form, SGDR:
+    Loshchilov & Hutter 2017); the scheduler's recursive steps then stay on that curve."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or scheduler.T_max == max(1, epochs):
+        return
+    scheduler.T_max = max(1, epochs)
+    t = min(scheduler.last_epoch, scheduler.T_max)
+    lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * t / scheduler.T_max)) / 2
+           for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
 def clip_and_step(loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -147,6 +165,7 @@ class Family(abc.ABC):
             optimizer.load_state_dict(training["optimizers"][key])
         for key, scheduler in self.schedulers.items():
             scheduler.load_state_dict(training["schedulers"][key])
+            extend_schedule(scheduler, self.cfg.train.epochs)
 
 
 class VAEFamily(Family):

@@ -30,6 +30,7 @@ import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
@@ -272,13 +273,16 @@ def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str, v
     }
 
 
-def check_resume(run_dir: str, cfg: Config) -> dict | None:
-    """Fail before Ray starts if the run we would resume is broken or built differently."""
+def check_resume(run_dir: str, cfg: Config, data_root: str | None = None) -> dict | None:
+    """Fail before Ray starts if the run we would resume is broken or built differently
+    (model, optimizer, schedule, and, given ``data_root``, the vocabulary)."""
     latest = ckpt_lib.latest_in_run(run_dir)
     if latest is None:
         return None
     state = ckpt_lib.read_state(latest)
     ckpt_lib.check_compatible(state, cfg, str(latest))
+    if data_root is not None:
+        ckpt_lib.check_same_vocabulary(state, load_vocabulary(data_root), str(data_root), str(latest))
     return state
 
 
@@ -309,7 +313,7 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     storage_root = storage.absolute(storage_override or cfg.train.storage_path)
     check_cluster_storage(cfg, {"data.path": data_root, "train.storage_path": storage_root})
     run_dir = storage.join(storage_root, name)
-    resumed = check_resume(run_dir, cfg)
+    resumed = check_resume(run_dir, cfg, data_root)
     # The dashboard's Train view lists runs only when this is set in the driver (read there).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpu = use_gpu(cfg)
@@ -450,28 +454,50 @@ class EpochRelay(ray.train.UserCallback):
         self.queue = queue
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics:
-            self.queue.put(metrics[0])
+        if metrics and self.queue is not None:
+            try:
+                self.queue.put(metrics[0], timeout=10)
+            except Exception:  # noqa: BLE001 - the console must never fail a training run
+                self.queue = None
+
+    def after_exception(self, run_context, worker_exceptions):
+        if self.queue is not None:
+            failed = {rank: (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                      for rank, exc in worker_exceptions.items()}
+            try:
+                self.queue.put({"failure": failed}, timeout=10)
+            except Exception:  # noqa: BLE001
+                self.queue = None
 
 
 @contextlib.contextmanager
 def following(epochs: int, printer=print):
     """Yield an :class:`EpochRelay` to pass in ``RunConfig(callbacks=...)``; print one
-    :func:`console.epoch_line` per report it relays until the block ends.
+    :func:`console.epoch_line` per report (and a line per worker failure) it relays until
+    the block ends.
 
     Train V2 runs callbacks in a controller actor, not in the driver: its prints would reach
     the terminal only with Ray's forwarding (and everything else Ray forwards) on. A queue
     actor carries the metrics to a thread here instead, also under ``ray job submit``."""
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a queue placed on a worker node died with it in the node-loss
+    # drill, and the controller's callback then failed the run.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     stop = threading.Event()
+
+    said: set[str] = set()
 
     def drain(timeout: float | None) -> None:
         while True:
             try:
-                metrics = queue.get(block=timeout is not None, timeout=timeout)
+                message = queue.get(block=timeout is not None, timeout=timeout)
             except Empty:
                 return
-            printer(console.epoch_line(metrics, epochs), flush=True)
+            line = (console.failure_line(message["failure"]) if "failure" in message
+                    else console.epoch_line(message, epochs))
+            if line not in said:  # the controller may report one failure at several polls
+                printer(line, flush=True)
+                said.add(line)
             timeout = None  # print whatever else is waiting, then block again
 
     def loop() -> None:

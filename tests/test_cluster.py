@@ -366,7 +366,8 @@ def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluste
         time.sleep(1)
     logs = api(dashboard, "/api/jobs/t2i-spread/logs")["logs"]
     assert status == "SUCCEEDED", logs[-3000:]
-    assert last_json_line(logs)["error"] is None and "resumed from epoch" in logs
+    assert last_json_line(logs)["error"] is None and "t2i: worker failure (rank" in logs
+    assert "Ray Train restarts the workers from the latest checkpoint" in logs
     attempts = json.loads((run_dir / "workers.json").read_text())
     assert len(attempts) >= 2 and {w["node_id"] for w in attempts[-1]["workers"]} == {nodes["head"]}
     epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

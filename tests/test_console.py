@@ -20,6 +20,12 @@ def test_epoch_line_says_progress_losses_speed_and_time_left():
     assert gan == "epoch 1/2 | train loss 1.5 | dev MSE from caption 0.1000 | 1h02m | ETA 1h02m"
 
 
+def test_failure_line_names_the_ranks_and_what_happens_next():
+    line = console.failure_line({1: "The actor died because its node has died.", 0: "fault drill"})
+    assert line == ("t2i: worker failure (rank 0: fault drill; rank 1: The actor died because its node has died.); "
+                    "Ray Train restarts the workers from the latest checkpoint while train.max_failures allows")
+
+
 def test_duration():
     assert [console.duration(s) for s in (0, 59.4, 61, 3599, 3600, 7322)] == ["0s", "59s", "1m01s", "59m59s",
                                                                             "1h00m", "2h02m"]
@@ -50,7 +56,7 @@ def test_ray_data_is_quiet_unless_verbose(monkeypatch):
 
 
 def test_verbose_flag_reaches_the_environment(monkeypatch):
-    monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
+    monkeypatch.setenv(console.VERBOSE_ENV, "")  # recorded first: the variable is unset again afterwards
     assert not console.verbose()
     console.set_verbose(True)
     assert console.verbose()

@@ -10,7 +10,7 @@ from t2i import config as config_lib
 from t2i.alignment import to_float
 from t2i.data import ShardCache, eval_caption_rows, load_manifest, load_vocabulary, read_split_arrays
 from t2i.evaluate import shapes_accuracy
-from t2i.families import GANFamily, make_family, mismatched_captions
+from t2i.families import GANFamily, extend_schedule, make_family, mismatched_captions
 from t2i.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, kl_weight,
                         matching_aware_gradient_penalty)
 from t2i.models.blocks import bounded_logvar
@@ -192,3 +192,51 @@ def test_all_captions_pairs_each_image_with_its_own_captions(shapes_dir):
     assert len(every["image"]) == sum(len(c) for c in captions) and len(one["image"]) == len(images)
     for i, (image, ids) in enumerate(zip(one["image"], one["word_ids"])):
         assert np.array_equal(image, images[i]) and ids.tolist() == captions[i][i % len(captions[i])]
+
+
+def test_train_cache_is_the_same_whatever_order_the_files_arrive_in(shapes_dir):
+    """Ray Data shuffles the files of the train split: the cache sorts them back by image id,
+    so one seed gives the same batches in every run."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from t2i.data import shard_paths  # noqa: PLC0415
+
+    tables = [pq.read_table(p, columns=["image", "word_ids", "image_id"])
+              for p in shard_paths(shapes_dir, load_manifest(shapes_dir), "train")]
+    assert len(tables) >= 2
+    forward = ShardCache.from_train_tables(tables, 64, "cpu")
+    backward = ShardCache.from_train_tables(tables[::-1], 64, "cpu")
+    assert torch.equal(forward.images, backward.images) and torch.equal(forward.captions, backward.captions)
+    assert torch.equal(forward.offsets, backward.offsets)
+    first = [b["word_ids"] for b in forward.epoch_batches(16, 0, 0, 0)]
+    again = [b["word_ids"] for b in backward.epoch_batches(16, 0, 0, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_a_resumed_cosine_schedule_follows_the_raised_epoch_count():
+    """A 4-epoch cosine run resumed with train.epochs = 8 continues on the 8-epoch cosine
+    (not from ~0 back up to the peak, as the restored 4-epoch state would)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def schedule(epochs):
+        optimizer = torch.optim.Adam([weight], lr=1.0)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+    def lrs(optimizer, scheduler, steps):
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    short_opt, short = schedule(4)
+    lrs(short_opt, short, 4)
+    resumed_opt, resumed = schedule(8)
+    resumed_opt.load_state_dict(short_opt.state_dict())
+    resumed.load_state_dict(short.state_dict())
+    extend_schedule(resumed, 8)
+    fresh_opt, fresh = schedule(8)
+    expected = lrs(fresh_opt, fresh, 8)
+    assert resumed_opt.param_groups[0]["lr"] == pytest.approx(expected[3])
+    assert lrs(resumed_opt, resumed, 4) == pytest.approx(expected[4:])

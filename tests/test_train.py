@@ -16,6 +16,7 @@ from t2i.config import ConfigError
 from t2i.data import load_manifest
 from t2i.flickr8k import DatasetError
 from t2i.generate import sample_prompts
+from t2i.text import Vocabulary
 
 TINY = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.batch_size=32",
         "data.samples_per_prompt=2", "train.keep_best=10", "optim.lr=0.003", "optim.name=adam"]
@@ -137,12 +138,14 @@ def test_crashed_run_resumes_at_next_epoch(shapes_dir, tmp_path, ray_session):
     assert epochs_on_disk(tmp_path / "run") == [0, 1, 2]  # epoch 0 was not trained again
 
 
-def test_worker_failure_is_retried_from_last_checkpoint(shapes_dir, tmp_path, ray_session):
+def test_worker_failure_is_retried_from_last_checkpoint(shapes_dir, tmp_path, ray_session, capsys):
     from t2i.train import fit
 
     summary = fit(tiny_cfg(shapes_dir, tmp_path, "train.epochs=3", "train.max_failures=1",
                            "train.fail_once_at_epoch=1"))
     assert summary["error"] is None
+    # The driver's console says what happened (relayed from the Train controller).
+    assert "t2i: worker failure (rank 0: fault drill: injected worker failure at epoch 1)" in capsys.readouterr().out
     assert (tmp_path / "run" / ".fault_drill_done").exists()
     assert epochs_on_disk(tmp_path / "run") == [0, 1, 2]  # each epoch checkpointed once
 
@@ -158,10 +161,22 @@ def test_resume_refuses_other_model_config_and_corrupt_checkpoint(shapes_dir, tm
 
     vocab = load_vocabulary(shapes_dir)
     ckpt_lib.save(run_dir, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=0, metrics={})
-    assert check_resume(tmp_path / "run", cfg)["epoch"] == 0
+    assert check_resume(tmp_path / "run", cfg, shapes_dir)["epoch"] == 0
     other = tiny_cfg(shapes_dir, tmp_path, "model.width=16")
     with pytest.raises(ckpt_lib.CheckpointError, match="width: checkpoint 8 vs config 16"):
         check_resume(tmp_path / "run", other)
+    # Another optimizer cannot take this one's state (RMSprop's into Adam: KeyError 'betas').
+    with pytest.raises(ckpt_lib.CheckpointError, match="optim.name: checkpoint 'adam' vs config 'rmsprop'"):
+        check_resume(tmp_path / "run", tiny_cfg(shapes_dir, tmp_path, "optim.name=rmsprop"))
+    with pytest.raises(ckpt_lib.CheckpointError, match="optim.schedule: checkpoint 'constant' vs config 'cosine'"):
+        check_resume(tmp_path / "run", tiny_cfg(shapes_dir, tmp_path, "optim.schedule=cosine"))
+    # Other data: word ids would point at other words' vectors.
+    state = ckpt_lib.read_state(run_dir / "model.pt")
+    fewer = Vocabulary(vocab.words[:-1], vocab.vectors[:-1])
+    with pytest.raises(ckpt_lib.CheckpointError, match="another vocabulary"):
+        ckpt_lib.check_same_vocabulary(state, fewer, "other-data", "ckpt")
+    with pytest.raises(ckpt_lib.CheckpointError, match="other word vectors"):
+        ckpt_lib.check_same_vocabulary(state, Vocabulary(vocab.words, vocab.vectors * 2), "other-data", "ckpt")
     data = (run_dir / "model.pt").read_bytes()
     (run_dir / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ckpt_lib.CheckpointError, match="corrupt or truncated"):
