@@ -273,16 +273,16 @@ def loop_config_for(cfg: Config, data_root: str, manifest: dict, run_dir: str, v
     }
 
 
-def check_resume(run_dir: str, cfg: Config, data_root: str | None = None) -> dict | None:
+def check_resume(run_dir: str, cfg: Config, vocab=None, data_root: str = "the data") -> dict | None:
     """Fail before Ray starts if the run we would resume is broken or built differently
-    (model, optimizer, schedule, and, given ``data_root``, the vocabulary)."""
+    (model, optimizer, schedule, and, given the data's ``vocab``, the vocabulary)."""
     latest = ckpt_lib.latest_in_run(run_dir)
     if latest is None:
         return None
     state = ckpt_lib.read_state(latest)
     ckpt_lib.check_compatible(state, cfg, str(latest))
-    if data_root is not None:
-        ckpt_lib.check_same_vocabulary(state, load_vocabulary(data_root), str(data_root), str(latest))
+    if vocab is not None:
+        ckpt_lib.check_same_vocabulary(state, vocab, str(data_root), str(latest))
     return state
 
 
@@ -313,13 +313,13 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     storage_root = storage.absolute(storage_override or cfg.train.storage_path)
     check_cluster_storage(cfg, {"data.path": data_root, "train.storage_path": storage_root})
     run_dir = storage.join(storage_root, name)
-    resumed = check_resume(run_dir, cfg, data_root)
+    vocab = load_vocabulary(data_root)  # read once: the resume check and the loop config use it
+    resumed = check_resume(run_dir, cfg, vocab, data_root)
     # The dashboard's Train view lists runs only when this is set in the driver (read there).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpu = use_gpu(cfg)
     # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
     resources = {"CPU": cfg.train.cpus_per_worker}
-    vocab = load_vocabulary(data_root)
     loop_config = loop_config_for(cfg, data_root, manifest, run_dir, vocab)
     quiet_ray_data()  # before the datasets copy Ray Data's context
     trainer = TorchTrainer(

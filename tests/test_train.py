@@ -161,7 +161,7 @@ def test_resume_refuses_other_model_config_and_corrupt_checkpoint(shapes_dir, tm
 
     vocab = load_vocabulary(shapes_dir)
     ckpt_lib.save(run_dir, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=0, metrics={})
-    assert check_resume(tmp_path / "run", cfg, shapes_dir)["epoch"] == 0
+    assert check_resume(tmp_path / "run", cfg, vocab, shapes_dir)["epoch"] == 0
     other = tiny_cfg(shapes_dir, tmp_path, "model.width=16")
     with pytest.raises(ckpt_lib.CheckpointError, match="width: checkpoint 8 vs config 16"):
         check_resume(tmp_path / "run", other)
