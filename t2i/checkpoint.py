@@ -11,6 +11,8 @@ not every weight (which matters when runs live in s3:// or gs://). Paths may be 
 
 from __future__ import annotations
 
+import hashlib
+
 import io
 import json
 from dataclasses import dataclass
@@ -61,7 +63,7 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
         "model": state_dict_of(model),
         "training": training or {"networks": {}, "optimizers": {}, "schedulers": {}},
         "epoch": int(epoch),
-        "metrics": {k: float(v) for k, v in metrics.items()},
+        "metrics": {k: v if isinstance(v, str) else float(v) for k, v in metrics.items()},  # selected_by: a name
         "data": data or {},
     }
     tmp = path.with_suffix(".tmp")
@@ -73,8 +75,36 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
 
 
 # Checkpoints are ranked by how well the caption alone draws the dev image (the generator's
-# deterministic output), not by a loss in which an encoder sees the image.
-SELECTION_METRIC = "dev_gen_mse"
+# deterministic output), not by a loss in which an encoder sees the image. Every epoch
+# reports it as ``selection`` (``selected_by`` names the source: ``dev_gen_mse``, or without
+# a dev split the family's unweighted train metric; t2i.train.selection).
+GENERATION_METRIC = "dev_gen_mse"
+SELECTION_METRIC = "selection"
+
+
+def state_digest(state) -> str:
+    """A SHA-256 over nested dicts/lists of tensors and plain values, independent of tensor
+    memory layout (channels-last weights hash like contiguous ones): equal digests mean an
+    equal restored state."""
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                digest.update(repr(key).encode())
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                feed(item)
+        elif torch.is_tensor(value):
+            tensor = value.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        else:
+            digest.update(repr(value).encode())
+
+    feed(state)
+    return digest.hexdigest()
 
 
 def model_file(location: str | Path) -> str:
@@ -94,7 +124,10 @@ def best_in_run(run_dir: str | Path) -> str | None:
     checkpoints = run_checkpoints(run_dir)
     if not checkpoints:
         return None
-    return min(checkpoints, key=lambda c: (c[1].get(SELECTION_METRIC, float("inf")), -c[0]))[2]
+    def score(metrics: dict) -> float:  # checkpoints from before ``selection`` carry dev_gen_mse
+        return metrics.get(SELECTION_METRIC, metrics.get(GENERATION_METRIC, float("inf")))
+
+    return min(checkpoints, key=lambda c: (score(c[1]), -c[0]))[2]
 
 
 def read_state(path: str | Path) -> dict:

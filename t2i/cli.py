@@ -66,10 +66,11 @@ def _evaluate(args: argparse.Namespace) -> dict:
 
 
 def _report(args: argparse.Namespace) -> dict:
-    from t2i.report import build_report  # noqa: PLC0415
+    from t2i.report import build_report, parse_epochs  # noqa: PLC0415
 
     console.set_verbose(args.verbose)
-    return build_report(args.data, runs=args.runs, epochs=args.epochs, out_dir=args.out_dir,
+
+    return build_report(args.data, runs=args.runs, epochs=parse_epochs(args.epochs), out_dir=args.out_dir,
                         max_pairs=args.max_pairs, train_missing=not args.no_train, models=args.models)
 
 
@@ -118,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = commands.add_parser("report", help="the seed's Table 2: Models 1-3, the cvae and the gan on Flickr8k")
     rep.add_argument("--data", required=True, help="prepared Flickr8k folder")
     rep.add_argument("--runs", default="runs/table2", help="where the four training runs live")
-    rep.add_argument("--epochs", type=int, default=10, help="epochs per model when training")
+    rep.add_argument("--epochs", action="append", metavar="N|MODEL=N",
+                     help="epochs per model when training (default 10); repeat with MODEL=N for one row, "
+                          "e.g. --epochs 3 --epochs gan=20")
     rep.add_argument("--max-pairs", type=int, default=0, help="evaluate a random subset of test pairs")
     rep.add_argument("--no-train", action="store_true", help="only read finished runs")
     rep.add_argument("--models", nargs="+", help="only these rows (model1 model2 model3 cvae gan); "

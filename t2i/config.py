@@ -63,6 +63,8 @@ class LossConfig:
     kl_warmup_epochs: int = 0      # linear KL annealing from 0 to beta (Bowman et al. 2016)
     free_bits: float = 0.0         # nats per latent dim not penalised (Kingma et al. 2016)
     gp_weight: float = 2.0         # gan: matching-aware gradient penalty k (DF-GAN; power p = 6)
+    align_weight: float = 0.0      # gan: DAMSM-style sentence loss weight (AttnGAN's lambda), from a
+                                   # separately trained encoder, never the evaluation judge; 0 = off
 
 
 @dataclass
@@ -94,7 +96,8 @@ class TrainConfig:
     max_failures: int = 1          # worker-group restarts from the last checkpoint
     keep_best: int = 2             # checkpoints kept by dev loss (the latest is always kept)
     data_cpu_limit: float = 1.0    # Ray Data CPU budget; 0 = let Ray Data decide
-    torch_threads: int = 0         # intra-op threads per worker; 0 = node CPUs / workers on the node
+    torch_threads: int = 0         # intra-op threads per worker; 0 = the whole CPUs Ray assigned it, or with
+                                   # a fraction of one, the node's usable CPUs (affinity, cgroup) / its workers
     fail_once_at_epoch: int = -1   # fault drill: raise once in this epoch (tests)
 
 
@@ -261,6 +264,10 @@ def validate(cfg: Config) -> None:
         problems.append("data.cache_mb must be >= 0 (0 = always stream)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
+    if cfg.loss.align_weight < 0:
+        problems.append("loss.align_weight must be >= 0")
+    if cfg.loss.align_weight > 0 and cfg.model.family != "gan":
+        problems.append("loss.align_weight is a gan-family term (the VAEs never use it); set it to 0")
     if problems:
         raise ConfigError("; ".join(problems))
 

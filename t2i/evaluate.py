@@ -12,7 +12,6 @@ from the pixels (test and `novel` splits).
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import numpy as np
 import torch
 
 from t2i import checkpoint as ckpt_lib
-from t2i import metrics, shapes, storage
-from t2i.alignment import DualEncoder, r_precision, to_float, train_dual_encoder
+from t2i import encoders, metrics, shapes, storage
+from t2i.alignment import PixelNeighbourJudge, r_precision, to_float
 from t2i.console import progress
 from t2i.data import load_manifest, load_vocabulary, read_split_arrays
 from t2i.flickr8k import DatasetError
@@ -31,7 +30,6 @@ from t2i.models import TextToImageVAE
 
 KNN = 50
 GENERATE_BATCH = 256
-JUDGE_FILE = "alignment_judge.pt"
 
 
 def remap_ids(word_ids: np.ndarray, data_words: list[str], model_index: dict[str, int]) -> np.ndarray:
@@ -73,27 +71,6 @@ def knn_baseline(train: dict, query_embeddings: np.ndarray, k: int = KNN, batch:
             seen = list(dict.fromkeys(train["caption_image"][ranked]))[:k]
             out[start + row] = images[seen].mean(axis=0)
     return out
-
-
-def load_or_train_judge(root: str, manifest: dict, train: dict, vocab, log=print) -> DualEncoder:
-    """The alignment judge for this prepared dataset, trained once and cached beside it."""
-    path = storage.join(root, JUDGE_FILE)
-    fingerprint = "".join(s["sha256"] for s in manifest["splits"]["train"]["shards"])
-    if storage.is_file(path):
-        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            judge = DualEncoder(vocab.vectors)
-            judge.load_state_dict(state["model"])
-            return judge.eval()
-    log("training the alignment judge on the train split (cached afterwards)")
-    judge = train_dual_encoder(train["images"], train["word_ids"], train["caption_image"], vocab.vectors, log=log)
-    buffer = io.BytesIO()
-    torch.save({"fingerprint": fingerprint, "model": judge.state_dict()}, buffer)
-    try:
-        storage.write_bytes(path, buffer.getvalue())
-    except OSError as exc:  # a read-only dataset folder: evaluation still works, uncached
-        log(f"could not cache the alignment judge at {path}: {exc}")
-    return judge
 
 
 def nearest_train_distance(images: torch.Tensor, train_images: np.ndarray | torch.Tensor,
@@ -162,7 +139,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     is_shapes = manifest["dataset"] == "shapes"
     vocab = load_vocabulary(root)
     train = read_split_arrays(root, manifest, "train")
-    judge = load_or_train_judge(root, manifest, train, vocab, log)
+    judge = encoders.load_or_train(encoders.JUDGE, root, manifest, vocab, train, log)
     mean_image = torch.as_tensor(train["images"].astype(np.float32).mean(axis=0) / 255.0).permute(2, 0, 1)
     splits = [split] + (["novel"] if is_shapes and split != "novel" and "novel" in manifest["splits"] else [])
     result = {"checkpoint": str(checkpoint), "data": str(root), "dataset": manifest["dataset"],
@@ -209,6 +186,7 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
                 acc.add("model_sample/", image_metrics(draws[:, j], truth))
             acc.add("model_sample/", {"diversity": metrics.pairwise_diversity(draws)})
     knn = torch.as_tensor(knn_baseline(train, part["embeddings"])).permute(0, 3, 1, 2)
+    pixel_judge = PixelNeighbourJudge(train["images"], train["embeddings"], train["caption_image"], vocab.vectors)
     truth = truth_all[part["caption_image"]]
     acc.add("baseline_mean_image/", image_metrics(mean_image.expand_as(truth), truth))
     acc.add(f"baseline_knn{KNN}/", image_metrics(knn, truth))
@@ -225,6 +203,8 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
         rp["model_sample"] = sampled_first
     for name, images in rp.items():
         table.setdefault(name, {}).update(r_precision(judge, images, part["word_ids"], part["caption_image"], seed=seed))
+        pixel = r_precision(pixel_judge, images, part["word_ids"], part["caption_image"], seed=seed)
+        table[name]["r_precision_pixel"], table[name]["r_precision_pixel_std"] = pixel["r_precision"], pixel["r_precision_std"]
     generated = {"model_mean": generated, **({"model_sample": sampled_first} if samples else {})}
     copies = copy_check(generated, truth_all, train["images"])
     if is_shapes:

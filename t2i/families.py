@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from t2i.alignment import DualEncoder, alignment_loss
 from t2i.config import Config, OptimConfig
 from t2i.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, generator_hinge_loss, kl_weight,
                         matching_aware_gradient_penalty)
@@ -101,6 +102,15 @@ class Family(abc.ABC):
 
     TRAIN_TERMS: tuple[str, ...] = ()
     EVAL_TERMS: tuple[str, ...] = ()
+    # Without an evaluation split: the train metric checkpoints are ranked by (lower is
+    # better), one no warm-up or loss weight moves; None = keep the latest epoch.
+    FALLBACK_SELECTION: str | None = None
+
+    @property
+    def selection_metric(self) -> str:
+        """The dev metric checkpoints are ranked by (lower is better): always one of images
+        drawn from the caption alone, never a loss in which an encoder sees the image."""
+        return "dev_gen_mse"
 
     def __init__(self, cfg: Config, vectors: np.ndarray):
         self.cfg = cfg
@@ -127,6 +137,9 @@ class Family(abc.ABC):
     @property
     def generator(self) -> torch.nn.Module:
         return unwrap(self.model)
+
+    def to(self, device: torch.device) -> None:
+        """Move what :meth:`wrap` does not (frozen helper networks) to ``device``."""
 
     def train(self, mode: bool = True) -> None:
         for net in self.networks().values():
@@ -171,8 +184,9 @@ class Family(abc.ABC):
 class VAEFamily(Family):
     """``seed`` and ``cvae``: minimise the (beta-weighted) negative ELBO."""
 
-    TRAIN_TERMS = ("loss", "mse", "kl", "kl_weight")
+    TRAIN_TERMS = ("loss", "mse", "kl", "elbo", "kl_weight")
     EVAL_TERMS = ("loss", "mse", "kl", "gen_mse")
+    FALLBACK_SELECTION = "train_elbo"
 
     def _build_optimizers(self) -> None:
         self.optimizers = {"model": make_optimizer(self.model.parameters(), self.cfg.optim)}
@@ -213,12 +227,33 @@ class GANFamily(Family):
     G 1e-4, D 4e-4).
     """
 
-    TRAIN_TERMS = ("loss", "g_adv", "kl", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
-    EVAL_TERMS = ("loss", "kl", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
+    TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
+    EVAL_TERMS = ("loss", "kl", "align", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
 
-    def __init__(self, cfg: Config, vectors: np.ndarray):
+    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
         super().__init__(cfg, vectors)
         self.discriminator = build_discriminator(cfg.model, vectors)
+        if cfg.loss.align_weight > 0 and alignment_encoder is None:
+            raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
+                             "(t2i.encoders.ALIGNMENT_LOSS)")
+        # Frozen and never trained here; not a checkpointed network (cached beside the data).
+        self.alignment_encoder = alignment_encoder
+
+    def to(self, device: torch.device) -> None:
+        if self.alignment_encoder is not None:
+            self.alignment_encoder.to(device)
+
+    @property
+    def selection_metric(self) -> str:
+        # With the alignment loss: how well each dev caption's random draw picks out that
+        # caption among the batch's, under the frozen loss encoder (not the judge). The
+        # caption-only MSE would rank the blurriest epoch best.
+        return "dev_align" if self.alignment_encoder is not None else "dev_gen_mse"
+
+    def _alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+        if self.alignment_encoder is None:
+            return images.new_zeros(())
+        return alignment_loss(self.alignment_encoder, images.float(), word_ids)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "discriminator": self.discriminator}
@@ -253,15 +288,17 @@ class GANFamily(Family):
 
     def generator_step(self, word_ids: torch.Tensor,
                        autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        """A fresh sample scored by the discriminator, + beta * KL of the CA Gaussian."""
+        """A fresh sample scored by the discriminator, + beta * KL of the CA Gaussian
+        (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14)."""
         with autocast():
             fake, mu, logvar = self.model(word_ids)
         adversarial = generator_hinge_loss(self.discriminator(fake.float(), word_ids).float())
         kl = standard_normal_kl(mu, logvar)
-        loss = adversarial + self.cfg.loss.beta * kl
+        align = self._alignment(fake, word_ids)
+        loss = adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
         # The discriminator's gradients from this backward are dropped at its next zero_grad.
         clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
-        return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach()}
+        return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach()}
 
     @torch.no_grad()
     def eval_terms(self, images: torch.Tensor, word_ids: torch.Tensor,
@@ -275,7 +312,9 @@ class GANFamily(Family):
                         torch.cat([word_ids, mismatched_captions(word_ids), word_ids])).float()
         d_terms = discriminator_hinge_loss(*logits.chunk(3))
         kl = standard_normal_kl(mu, logvar)
-        return {"loss": generator_hinge_loss(logits.chunk(3)[2]) + kl, "kl": kl, **d_terms,
+        align = self._alignment(fake, word_ids)
+        loss = generator_hinge_loss(logits.chunk(3)[2]) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+        return {"loss": loss, "kl": kl, "align": align, **d_terms,
                 "gen_mse": generation_error(generator, images, word_ids).mean()}
 
 
@@ -293,5 +332,8 @@ def mismatched_captions(word_ids: torch.Tensor) -> torch.Tensor:
 FAMILIES: dict[str, type[Family]] = {"seed": VAEFamily, "cvae": VAEFamily, "gan": GANFamily}
 
 
-def make_family(cfg: Config, vectors: np.ndarray) -> Family:
+def make_family(cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None) -> Family:
+    """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used)."""
+    if cfg.model.family == "gan":
+        return GANFamily(cfg, vectors, alignment_encoder)
     return FAMILIES[cfg.model.family](cfg, vectors)

@@ -35,7 +35,8 @@ def elbo_loss(recon: torch.Tensor, image: torch.Tensor, mu: torch.Tensor, logvar
     & Welling 2014, Appendix C.1; pytorch/examples' VAE), whose gradient does not vanish as a
     sigmoid output saturates, so near-binary images (the shapes set) sharpen much sooner.
     Returns ``loss`` (to minimise), ``mse`` (mean squared error per pixel, the seed's metric,
-    whatever the likelihood), and ``kl`` (nats per sample, before beta and free bits).
+    whatever the likelihood), ``kl`` (nats per sample, before beta and free bits) and
+    ``elbo`` (the plain negative ELBO: reconstruction + KL, no beta, warm-up or free bits).
     """
     recon, image = recon.float(), image.float()
     squared = (recon - image).pow(2)
@@ -48,7 +49,7 @@ def elbo_loss(recon: torch.Tensor, image: torch.Tensor, mu: torch.Tensor, logvar
     kl = kl_dims.sum(1).mean()
     # Free bits: each latent dim's batch-mean KL below `free_bits` nats costs nothing.
     kl_penalised = kl_dims.mean(0).clamp(min=free_bits).sum() if free_bits > 0 else kl
-    return {"loss": recon_term + beta * kl_penalised, "mse": squared.mean(), "kl": kl}
+    return {"loss": recon_term + beta * kl_penalised, "mse": squared.mean(), "kl": kl, "elbo": recon_term + kl}
 
 
 def kl_weight(beta: float, warmup_epochs: int, epoch_progress: float) -> float:

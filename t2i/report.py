@@ -29,7 +29,7 @@ MODELS = (
     ("model2", "Model 2 (seed, + decaying LR)", "configs/seed_model2.toml"),
     ("model3", "Model 3 (seed, fewer units + dropout)", "configs/seed_model3.toml"),
     ("cvae", "cvae (conditional VAE, learned prior)", "configs/cvae.toml"),
-    ("gan", "gan (CA generator + matching-aware D, DF-GAN losses)", "configs/gan.toml"),
+    ("gan", "gan (CA generator + matching-aware D, DF-GAN losses, sentence alignment loss)", "configs/gan.toml"),
 )
 SEED_CAPTIONS = (
     "Two helmeted men sit on yellow snowmobiles while another man stands behind watching",
@@ -52,9 +52,37 @@ def train_run(key: str, config_file: str, data: Path, runs: Path, epochs: int) -
     return fit(cfg)
 
 
-def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: int = 10, out_dir: str | Path = "results",
-                 max_pairs: int = 0, train_missing: bool = True, models: list[str] | None = None) -> dict:
+def parse_epochs(specs: list[str] | None, default: int = 10) -> dict[str, int]:
+    """``["3", "gan=20"]`` -> ``{"*": 3, "gan": 20}``: every row's epochs, some rows' own."""
+    epochs = {"*": default}
+    keys = {key for key, _, _ in MODELS}
+    for spec in specs or []:
+        key, _, value = spec.rpartition("=")
+        if key and key not in keys:
+            raise config_lib.ConfigError(f"--epochs {spec}: unknown model {key!r}; choose from {sorted(keys)}")
+        try:
+            epochs[key or "*"] = int(value)
+        except ValueError:
+            raise config_lib.ConfigError(f"--epochs {spec}: expected N or MODEL=N, e.g. 3 or gan=20") from None
+    return epochs
+
+
+def regenerate_command(data: Path, rows: list[dict], max_pairs: int) -> str:
+    """The one command that rebuilds the whole table, each row's epochs as measured."""
+    counts = [row["epochs"] for row in rows]
+    common = max(set(counts), key=counts.count)
+    own = "".join(f" --epochs {row['key']}={row['epochs']}" for row in rows if row["epochs"] != common)
+    return (f"python -m t2i report --data {os.path.relpath(data)} --epochs {common}{own}"
+            + (f" --max-pairs {max_pairs}" if max_pairs else ""))
+
+
+def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: dict[str, int] | None = None,
+                 out_dir: str | Path = "results", max_pairs: int = 0, train_missing: bool = True,
+                 models: list[str] | None = None) -> dict:
+    """``epochs``: from :func:`parse_epochs` (``"*"``: every model, else per model key)."""
     from t2i.train import summarize  # noqa: PLC0415
+
+    epochs = epochs or {"*": 10}
 
     data, runs, out_dir = Path(data).resolve(), Path(runs).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -71,12 +99,13 @@ def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: int
             if key in kept:
                 rows.append(kept[key])
             continue
+        wanted_epochs = epochs.get(key, epochs["*"])
         summary = summarize(runs / key) if (runs / key).is_dir() else {"epochs_done": 0}
-        if summary["epochs_done"] < epochs:
+        if summary["epochs_done"] < wanted_epochs:
             if not train_missing:
-                raise ckpt_lib.CheckpointError(f"{runs / key} has {summary['epochs_done']} of {epochs} epochs; "
-                                               "run without --no-train to train it")
-            summary = train_run(key, config_file, data, runs, epochs)
+                raise ckpt_lib.CheckpointError(f"{runs / key} has {summary['epochs_done']} of {wanted_epochs} "
+                                               "epochs; run without --no-train to train it")
+            summary = train_run(key, config_file, data, runs, wanted_epochs)
         checkpoint = summary["latest_checkpoint"]
         loaded = ckpt_lib.load(checkpoint)
         result = evaluate(checkpoint, data, "test", out=out_dir / f"eval_{key}.json", max_pairs=max_pairs)
@@ -85,12 +114,15 @@ def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: int
         grids.append(sample_prompts(loaded.model, loaded.vocab, list(SEED_CAPTIONS), 4, 32, seed=0))
         prompts += [f"{label}: {c}" for c in SEED_CAPTIONS]
     save_grid(torch.cat(grids), prompts, out_dir / "samples.png")
-    text = render_markdown(rows, f"python -m t2i report --data {os.path.relpath(data)} --epochs {epochs}"
-                                 + (f" --max-pairs {max_pairs}" if max_pairs else ""))
+    text = render_markdown(rows, regenerate_command(data, rows, max_pairs))
     (out_dir / "table2.md").write_text(text)
     (out_dir / "table2.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     print(text)
     return {"table": str(out_dir / "table2.md"), "samples": str(out_dir / "samples.png")}
+
+
+def _rp(result: dict) -> str:
+    return f"{result['r_precision']:.3f} ± {result['r_precision_std']:.3f}" if "r_precision" in result else "-"
 
 
 def _cell(value, spec: str) -> str:
@@ -106,7 +138,8 @@ def render_markdown(rows: list[dict], command: str) -> str:
         "",
         f"Test split: {first['images']} images; scored: {first['pairs']} caption/image pairs showing "
         f"{first.get('images_scored', '?')} of those images; hardware: {hardware()}.",
-        "Generated = from the caption alone (prior mean; `sample` = one random draw). Lower MSE is better,",
+        "Generated = from the caption alone (`mean` = prior mean, for the gan the CA mean with z = 0;",
+        "`sample` = one random draw, the output a GAN is judged by). Lower MSE is better,",
         "higher PSNR/SSIM/R-precision is better. Sharpness is the variance of the Laplacian relative to the",
         "real test images (1.0 = as sharp as real photos). R-precision: top-1 rate of the true caption among",
         "100 (chance 0.01), judged by a dual encoder trained on the train split only.",
@@ -115,8 +148,9 @@ def render_markdown(rows: list[dict], command: str) -> str:
         "so this table shows text-image alignment (R-precision) instead.",
         "",
         "| model | params | epochs | s/epoch | train MSE | train KL | test ELBO MSE | test KL | test MSE (mean) "
-        "| test MSE (sample) | PSNR | SSIM | sharpness | diversity | R-precision |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| test MSE (sample) | PSNR | SSIM | sharpness | sharpness (sample) | diversity | R-precision "
+        "| R-precision (sample) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         m = row["eval"]["results"]
@@ -126,16 +160,17 @@ def render_markdown(rows: list[dict], command: str) -> str:
             f"| {_cell(train.get('train_mse'), '.4f')} | {_cell(train.get('train_kl'), '.1f')} "
             f"| {_cell(elbo.get('mse'), '.4f')} | {_cell(elbo.get('kl'), '.1f')} "
             f"| {mean['mse']:.4f} | {sample.get('mse', float('nan')):.4f} | {mean['psnr']:.2f} | {mean['ssim']:.3f} "
-            f"| {mean['sharpness_ratio']:.2f} | {sample.get('diversity', 0):.3f} "
-            f"| {mean['r_precision']:.3f} ± {mean['r_precision_std']:.3f} |")
+            f"| {mean['sharpness_ratio']:.2f} | {_cell(sample.get('sharpness_ratio'), '.2f')} "
+            f"| {sample.get('diversity', 0):.3f} | {mean['r_precision']:.3f} ± {mean['r_precision_std']:.3f} "
+            f"| {_rp(sample)} |")
     for name, label in (("baseline_mean_image", "baseline: train mean image"),
                         (f"baseline_knn{KNN}", f"baseline: mean of {KNN} nearest-caption train images"),
                         ("real", "real test images (ceiling)")):
         b = res0[name]
         mse = f"{b['mse']:.4f}" if "mse" in b else "0"
         lines.append(f"| {label} | - | - | - | - | - | - | - | {mse} | - | {b.get('psnr', float('inf')):.2f} "
-                     f"| {b.get('ssim', 1.0):.3f} | {b.get('sharpness_ratio', 1.0):.2f} | - "
-                     f"| {b['r_precision']:.3f} ± {b['r_precision_std']:.3f} |")
+                     f"| {b.get('ssim', 1.0):.3f} | {b.get('sharpness_ratio', 1.0):.2f} | - | - "
+                     f"| {b['r_precision']:.3f} ± {b['r_precision_std']:.3f} | - |")
     lines += ["", "Seed (Google Colab, reported): test MSE 0.0667-0.0679, i.e. no better than the mean image.",
               "", f"Regenerate: `{command}` (from the repository root, with the data prepared there).", ""]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import logging
 import os
 import socket
@@ -34,7 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
-from t2i import console, monitor, storage
+from t2i import console, encoders, monitor, storage
 from t2i.config import Config
 from t2i.data import (ShardCache, build_datasets, ensure_shapes, load_manifest, load_vocabulary, to_model_inputs,
                       worker_shard_bytes)
@@ -71,6 +72,41 @@ def means(prefix: str, names: tuple[str, ...], sums: torch.Tensor) -> dict[str, 
     return {f"{prefix}_{k}": v / n for k, v in zip(names, values[:-1])}
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
+    (a container's ``--cpus``), not the host's count that ``os.cpu_count()`` reports."""
+    count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
+
+
+def worker_threads(assigned_cpus: float, usable: int, local_workers: int) -> int:
+    """Intra-op threads for one worker: the whole CPUs Ray assigned it; with a fraction of a
+    CPU (the small-machine setting that leaves Ray Data room), an equal share of the CPUs
+    this node really has."""
+    if assigned_cpus >= 1:
+        return min(int(assigned_cpus), usable)
+    return max(1, usable // max(1, local_workers))
+
+
+def selection(metrics: dict, family: Family) -> tuple[float, str]:
+    """What this epoch's checkpoint is ranked by (lower is better) and its name: the
+    family's dev generation metric, or without an evaluation split its fallback train
+    metric (never a warm-up- or beta-weighted loss, which would favour the warm-up epochs),
+    or, for a family without one, the epoch itself so the latest ranks first."""
+    if family.selection_metric in metrics:
+        return metrics[family.selection_metric], family.selection_metric
+    fallback = family.FALLBACK_SELECTION
+    if fallback:
+        return metrics[fallback], fallback
+    return -float(metrics["epoch"]), "latest epoch"
+
+
 def evaluate_split(family: Family, batches, device, autocast=contextlib.nullcontext) -> torch.Tensor:
     """Sums of the family's evaluation terms over ``batches``, plus the count; combine across
     workers with :func:`all_reduce_sums` before :func:`means`."""
@@ -90,15 +126,20 @@ def train_func(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed * 1000 + rank)
-    # Ray starts workers with OMP_NUM_THREADS=1 (fractional CPUs); a CPU worker that owns
-    # the node would then use one core of many.
-    torch.set_num_threads(cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // context.get_local_world_size()))
+    # Ray starts workers with OMP_NUM_THREADS=1; a worker granted 4 CPUs would use one.
+    context_ray = ray.get_runtime_context()
+    in_worker = context_ray.worker.mode == ray._private.worker.WORKER_MODE  # local mode runs in the driver
+    assigned = context_ray.get_assigned_resources().get("CPU", 0.0) if in_worker else 0.0
+    torch.set_num_threads(cfg.train.torch_threads or worker_threads(assigned, usable_cpus(),
+                                                                    context.get_local_world_size()))
     device = ray.train.torch.get_device()
     use_amp = cfg.train.amp and device.type == "cuda"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
     vocab = load_vocabulary(loop_config["data_root"])
-    family = make_family(cfg, vocab.vectors)
+    aligner_state = loop_config.get("alignment_encoder")  # trained on the driver, shipped as weights
+    aligner = encoders.build(encoders.ALIGNMENT_LOSS, vocab.vectors, aligner_state) if aligner_state else None
+    family = make_family(cfg, vocab.vectors, aligner)
     start_epoch, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -114,10 +155,17 @@ def train_func(loop_config: dict) -> None:
     for net in family.networks().values():  # matches the channels-last images of to_model_inputs
         net.to(memory_format=torch.channels_last)
     family.wrap(ray.train.torch.prepare_model)  # DDP around every network, then optimizers
-    _record_placement(run_dir, rank, device)
+    family.to(device)
+    resume = None
     if resumed:
         family.load_training_state(resumed)
+        # What this attempt really restored, in workers.json: a digest of the weights and the
+        # optimizer and scheduler states, comparable with the checkpoint's own (tests do).
+        resume = {"epoch": resumed["epoch"], "restored_digest": ckpt_lib.state_digest(
+            {"model": family.generator.state_dict(), "training": family.state_dict()})}
         print(f"[rank {rank}] resumed from epoch {resumed['epoch']}, continuing at epoch {start_epoch}")
+    workers = _record_placement(run_dir, rank, device, resume)
+    check_run_dir_shared(run_dir, cfg, workers, rank)
 
     feed = EpochFeed(cfg, loop_config, device, rank)
     n_train = loop_config["train_images"]
@@ -134,14 +182,15 @@ def train_func(loop_config: dict) -> None:
             add_terms(sums, family.TRAIN_TERMS, terms, images.shape[0])
         train_seconds = time.perf_counter() - started
         sums = all_reduce_sums(sums)
-        metrics = {"epoch": epoch, **means("train", family.TRAIN_TERMS, sums),
+        # epochs_done: Tune's clock (ASHA's time_attr). Its own training_iteration restarts at 1
+        # when a restored sweep resumes a trial that Ray Train continues at a later epoch.
+        metrics = {"epoch": epoch, "epochs_done": epoch + 1, **means("train", family.TRAIN_TERMS, sums),
                    "samples_per_s": sums[-1].item() / train_seconds, "lr": family.lr}
         for split in cfg.data.eval_splits:
-            metrics.update(means(split, family.EVAL_TERMS,
-                                 all_reduce_sums(evaluate_split(family, feed.eval_batches(split), device, autocast))))
-        # Without an evaluation split there is no generation metric: checkpoints are then kept
-        # by the train loss (beta-weighted for the VAEs), stored under the metric's name for Ray.
-        metrics.setdefault(METRIC, metrics["train_loss"])
+            split_sums = all_reduce_sums(evaluate_split(family, feed.eval_batches(split), device, autocast))
+            metrics.update(means(split, family.EVAL_TERMS, split_sums))
+            metrics[f"{split}_pairs"] = int(split_sums[-1].item())  # every pair once, across all workers
+        metrics[METRIC], metrics["selected_by"] = selection(metrics, family)
         family.end_epoch(metrics[METRIC])
         metrics["epoch_s"] = time.perf_counter() - started
         _report(metrics, rank, family, cfg, vocab, loop_config, run_dir, epoch)
@@ -208,9 +257,9 @@ def _fault_drill(fail_epoch: int, epoch: int, rank: int, run_dir: str) -> None:
         raise RuntimeError(f"fault drill: injected worker failure at epoch {epoch}")
 
 
-def _record_placement(run_dir: str, rank: int, device) -> None:
+def _record_placement(run_dir: str, rank: int, device, resume: dict | None = None) -> list[dict]:
     """Where each worker of this attempt runs, appended to ``workers.json`` by rank 0: after a
-    node loss the run's history shows the worker group moving."""
+    node loss the run's history shows the worker group moving. Returns every worker's place."""
     here = {"rank": rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
             "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "device": str(device)}
     everyone = [here]
@@ -218,12 +267,35 @@ def _record_placement(run_dir: str, rank: int, device) -> None:
         everyone = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everyone, here)
     if rank != 0:
-        return
+        return everyone
     path = storage.join(run_dir, "workers.json")
     attempts = json.loads(storage.read_text(path)) if storage.is_file(path) else []
-    attempts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "workers": everyone})
+    attempts.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "workers": everyone,
+                     **({"resumed": resume} if resume else {})})
     storage.write_text(path, json.dumps(attempts, indent=1))
     print(f"workers on nodes: {sorted({w['node_id'][:12] for w in everyone})}")
+    return everyone
+
+
+def check_run_dir_shared(run_dir: str, cfg: Config, workers: list[dict], rank: int) -> None:
+    """The driver's storage check sees only the nodes alive at submit time (an autoscaling
+    cluster may have its head alone). Here, with the workers placed: when they span several
+    hosts and the run folder is a local path, rank 0's ``workers.json`` must be visible to
+    every worker, or checkpoints would land on one worker's disk and never resume elsewhere."""
+    hosts = {w["node_ip"] for w in workers}
+    if storage.is_uri(run_dir) or len(hosts) <= 1 or cfg.train.assume_shared_storage:
+        return
+    torch.distributed.barrier()  # rank 0 has written workers.json
+    sees = storage.is_file(storage.join(run_dir, "workers.json"))
+    seen = [None] * len(workers)
+    torch.distributed.all_gather_object(seen, (workers[rank]["node_ip"], sees))
+    blind = sorted({ip for ip, ok in seen if not ok})
+    if blind:
+        raise config_lib.ConfigError(
+            f"train.storage_path: the run folder {run_dir!r} is not shared: workers on {', '.join(blind)} cannot "
+            f"see what rank 0 wrote there, so checkpoints would stay on one node's disk. Use a URI "
+            f"(s3://bucket/runs) or a folder every node mounts (NFS), or train.assume_shared_storage=true "
+            f"if it really is shared.")
 
 
 def _report(metrics, rank, family: Family, cfg, vocab, loop_config, run_dir, epoch) -> None:
@@ -244,6 +316,36 @@ def _report(metrics, rank, family: Family, cfg, vocab, loop_config, run_dir, epo
 
 
 # ----------------------------------------------------------------------------- driver
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the submitted driver
+
+
+def check_paths_under_job(cfg: Config, job_config_json: str | None) -> list[str]:
+    """Under ``ray job submit --working-dir``, the driver runs in Ray's temporary copy of the
+    working directory, which Ray deletes later: a relative ``train.storage_path`` would put
+    the run (checkpoints included) there, and a relative ``data.path`` points at data that
+    was never uploaded. Refuse those; a relative ``data.cache_dir`` only costs re-preparing
+    the shapes set, so it gets a warning (returned)."""
+    if not job_config_json:
+        return []
+    runtime_env = (json.loads(job_config_json).get("runtime_env") or {})
+    if not runtime_env.get("working_dir"):
+        return []
+    where = f"Ray's temporary copy of the working directory ({os.getcwd()})"
+    relative = {key: value for key, value in (("train.storage_path", cfg.train.storage_path),
+                                              ("data.path", cfg.data.path), ("data.cache_dir", cfg.data.cache_dir))
+                if value and not storage.is_uri(value) and not os.path.isabs(value)}
+    refused = [f"{key}={value!r}" for key, value in relative.items() if key != "data.cache_dir"]
+    if refused:
+        raise config_lib.ConfigError(
+            f"{', '.join(refused)}: relative paths resolve inside {where}, which Ray deletes after the job; "
+            f"give absolute paths on storage every node sees, or URIs (e.g. --set train.storage_path=$PWD/runs "
+            f"--data $PWD/data/f8k, or s3://bucket/runs)")
+    if "data.cache_dir" in relative and not cfg.data.path:
+        return [f"data.cache_dir={cfg.data.cache_dir!r} is relative: the shapes set is prepared inside {where} "
+                "and again for every job; set an absolute data.cache_dir to keep it"]
+    return []
+
+
 def resolve_data(cfg: Config) -> str:
     """The prepared dataset's absolute location (folder or URI)."""
     if cfg.data.path:
@@ -286,10 +388,27 @@ def check_resume(run_dir: str, cfg: Config, vocab=None, data_root: str = "the da
     return state
 
 
+def _say(line: str) -> None:
+    print(f"t2i: {line}", flush=True)
+
+
 def use_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
         return cfg.train.use_gpu == "true"
-    return ray.cluster_resources().get("GPU", 0) >= max(1, cfg.train.num_workers)
+    try:  # what an autoscaling cluster's node types could provide (Ray Train V2 reads it too)
+        limits = ray._private.state.state.get_max_resources_from_cluster_config()
+    except Exception:  # noqa: BLE001 - no autoscaler state (a local or fixed-size cluster)
+        limits = None
+    return decide_gpu(ray.cluster_resources().get("GPU", 0), (limits or {}).get("GPU"), cfg.train.num_workers)
+
+
+def decide_gpu(visible: float, could_scale_to: float | None, workers: int) -> bool:
+    """``train.use_gpu = "auto"``: one GPU per worker from the GPUs up now, or, on an
+    autoscaling cluster whose GPU nodes are still down (the shipped AWS and KubeRay configs
+    start with none), from the most its node types could provide, so the autoscaler starts
+    GPU nodes instead of the run landing on their CPUs."""
+    needed = max(1, workers)
+    return visible >= needed or (could_scale_to or 0) >= needed
 
 
 @dataclass
@@ -303,6 +422,8 @@ class TrainerPlan:
 def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None,
                  storage_override: str | None = None) -> TrainerPlan:
     """The TorchTrainer for ``cfg`` (also used by Tune trials)."""
+    for warning in check_paths_under_job(cfg, os.environ.get(JOB_CONFIG_ENV)):
+        _say(f"warning: {warning}")
     data_root = resolve_data(cfg)
     manifest = load_manifest(data_root)
     for split in cfg.data.eval_splits:
@@ -321,6 +442,9 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
     resources = {"CPU": cfg.train.cpus_per_worker}
     loop_config = loop_config_for(cfg, data_root, manifest, run_dir, vocab)
+    if cfg.loss.align_weight > 0:  # trained once per dataset here on the driver, then cached
+        aligner = encoders.load_or_train(encoders.ALIGNMENT_LOSS, data_root, manifest, vocab, log=_say)
+        loop_config["alignment_encoder"] = aligner.state_dict()
     quiet_ray_data()  # before the datasets copy Ray Data's context
     trainer = TorchTrainer(
         train_func,

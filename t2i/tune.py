@@ -11,6 +11,7 @@ poor trials early on the target metric. The sweep lives in
 from __future__ import annotations
 
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -21,13 +22,15 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from t2i import config as config_lib
-from t2i import console, storage
+from t2i import console, monitor, storage
 from t2i.config import Config, ConfigError
 from t2i.families import FAMILIES
-from t2i.train import check_cluster_storage, make_trainer, resolve_data, start_ray, summarize
+from t2i.train import (JOB_CONFIG_ENV, check_cluster_storage, check_paths_under_job, make_trainer, resolve_data,
+                       start_ray, summarize)
 
 REPO = Path(__file__).resolve().parents[1]
-OTHER_METRICS = ("samples_per_s", "epoch_s", "lr", "epoch")
+OTHER_METRICS = ("samples_per_s", "epoch_s", "lr", "epoch", "epochs_done", "selection")
+PROGRESS = "epochs_done"  # ASHA's clock: epochs trained, also across a restored sweep
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 
 
@@ -187,6 +190,8 @@ def sweep_dir(search: SearchConfig, base: Config) -> str:
 
 def run(search: SearchConfig, base: Config) -> dict:
     """Run (or resume) the sweep; returns the summary printed as the last line."""
+    for warning in check_paths_under_job(base, os.environ.get(JOB_CONFIG_ENV)):
+        print(f"t2i: warning: {warning}", flush=True)
     start_ray()
     root = sweep_dir(search, base)
     # Trials run in their own working dirs: hand them absolute paths, and prepare the
@@ -200,7 +205,7 @@ def run(search: SearchConfig, base: Config) -> dict:
         print(f"resuming sweep {root}")
         tuner = tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(max_t=base.train.epochs, grace_period=search.grace_period,
+        scheduler = ASHAScheduler(time_attr=PROGRESS, max_t=base.train.epochs, grace_period=search.grace_period,
                                   reduction_factor=search.reduction_factor)
         param_space = {"base": base.to_dict(), "trials_dir": storage.join(root, "trials"), "hp": build_space(search, base)}
         tuner = tune.Tuner(
@@ -221,18 +226,24 @@ def run(search: SearchConfig, base: Config) -> dict:
 def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     rows = []
     for result in grid:
-        history = result.metrics_dataframe
         hp = result.config["hp"]
-        values = history[search.metric].dropna() if history is not None and search.metric in history else []
-        best = (values.min() if search.mode == "min" else values.max()) if len(values) else math.nan
-        epochs = int(result.metrics.get("training_iteration", 0)) if result.metrics else 0
+        trial_id = result.metrics.get("trial_id") if result.metrics else storage.name(result.path)
+        # The trial's run folder is the truth: Tune's last result misses an epoch finished
+        # while the sweep was being interrupted, and a restored trial with nothing left to
+        # train reports nothing new.
+        history = monitor.read_history(storage.join(root, "trials", f"trial_{trial_id}"))
+        if not history and result.metrics_dataframe is not None:
+            history = result.metrics_dataframe.to_dict("records")
+        values = [row[search.metric] for row in history
+                  if isinstance(row.get(search.metric), (int, float)) and not math.isnan(row[search.metric])]
+        best = (min(values) if search.mode == "min" else max(values)) if values else math.nan
+        epochs = max((int(row.get(PROGRESS) or row.get("epoch", -1) + 1) for row in history), default=0)
         if result.error:
             reason = f"error ({type(result.error).__name__}; see {result.path})"
         elif epochs < base.train.epochs:
             reason = "stopped early (ASHA)"
         else:
             reason = "completed"
-        trial_id = result.metrics.get("trial_id") if result.metrics else storage.name(result.path)
         rows.append({"trial": f"trial_{trial_id}", **hp, f"best_{search.metric}": best,
                      "epochs": epochs, "stop_reason": reason})
     sign = 1 if search.mode == "min" else -1

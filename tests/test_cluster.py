@@ -58,6 +58,16 @@ def test_launcher_configs_pass_rays_schema():
     aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
     workers = [t for name, t in aws["available_node_types"].items() if name != aws["head_node_type"]]
     assert any(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # a GPU instance family
+    # Every node type reads the bucket (Ray Data tasks and checkpoints run on the workers), each
+    # with its own scoped instance profile rather than the launcher's default (head only).
+    profiles = {name: t["node_config"]["IamInstanceProfile"]["Arn"] for name, t in aws["available_node_types"].items()}
+    assert sorted(p.rsplit("/", 1)[1] for p in profiles.values()) == ["t2i-ray-head", "t2i-ray-worker"]
+    data_policy = json.loads((REPO / "cluster" / "iam" / "t2i-data-access.json").read_text())
+    for statement in data_policy["Statement"]:
+        assert all(a.startswith("s3:") and a != "s3:*" for a in statement["Action"])
+        assert statement["Resource"].startswith("arn:aws:s3:::YOUR-BUCKET")  # one bucket, never "*"
+    head_policy = json.loads((REPO / "cluster" / "iam" / "t2i-head-autoscaler.json").read_text())
+    assert not any("s3" in str(st["Action"]) for st in head_policy["Statement"])
     # The check can fail: a typo'd key and a negative resource are rejected.
     import jsonschema
 
@@ -105,6 +115,9 @@ def kuberay_problems(doc: dict) -> list[str]:
                 problems.append(f"{kind}/{name}: every container needs name and image")
             if not (container.get("resources") or {}).get("limits"):
                 problems.append(f"{kind}/{name}: container resources.limits missing")
+            names = {e.get("name") for e in container.get("env") or []}
+            if names & STATIC_KEYS or any("secretRef" in e for e in container.get("envFrom") or []):
+                problems.append(f"{kind}/{name}: static cloud keys in the pod spec (use a service account: IRSA)")
         if pod.get("hostNetwork"):
             problems.append(f"{kind}/{name}: hostNetwork would expose Ray's ports on the node")
         if name != "head":
@@ -112,6 +125,9 @@ def kuberay_problems(doc: dict) -> list[str]:
             if not low <= count <= high:
                 problems.append(f"{kind}/{name}: needs minReplicas <= replicas <= maxReplicas")
     return problems
+
+
+STATIC_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS"}
 
 
 def k8s_docs() -> list[tuple[str, dict]]:
@@ -134,10 +150,17 @@ def test_kuberay_manifests_are_complete_and_private():
                        for g in workers for c in g["template"]["spec"]["containers"]), f"{name}: no GPU workers"
         if doc["kind"] == "Service":
             assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", name
+    # The RayJob reaches S3 as the t2i-ray service account (IRSA / workload identity).
+    job = next(d for _, d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
+    pods = [job["headGroupSpec"]] + job["workerGroupSpecs"]
+    assert {g["template"]["spec"].get("serviceAccountName") for g in pods} == {"t2i-ray"}
+    account = next(d for _, d in docs if d["kind"] == "ServiceAccount")
+    assert account["metadata"]["name"] == "t2i-ray" and "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
     broken = copy.deepcopy(next(d for _, d in docs if d["kind"] == "RayCluster"))
     del broken["spec"]["workerGroupSpecs"][0]["groupName"]
     broken["spec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
-    assert len(kuberay_problems(broken)) == 2
+    broken["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envFrom"] = [{"secretRef": {"name": "s3"}}]
+    assert len(kuberay_problems(broken)) == 3
 
 
 def test_rayjob_entrypoint_is_a_valid_training_command():
@@ -164,6 +187,10 @@ def test_versions_agree_across_requirements_images_and_manifests():
     tag = f"rayproject/ray:{ray.__version__}-py311"
     assert tag in (REPO / "cluster" / "Dockerfile").read_text()
     assert tag in (REPO / "cluster" / "aws.yaml").read_text()
+    # What nodes and the image install carries no test tools (those live in requirements-dev.txt).
+    runtime = (REPO / "requirements.txt").read_text()
+    assert "pytest" not in runtime and "moto" not in runtime
+    assert "requirements-dev" not in (REPO / "cluster" / "Dockerfile").read_text()
 
 
 # ----------------------------------------------------------------------------- security defaults
@@ -377,3 +404,31 @@ def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluste
     assert {"t2i-spread"} <= {j.get("submission_id") for j in api(dashboard, "/api/jobs/")}
     runs = api(dashboard, "/api/train/v2/runs/v1")["train_runs"]
     assert "spread" in {r["name"] for r in runs}
+
+
+def test_onprem_pins_every_ray_port_and_the_firewall_table_lists_them():
+    """Ray's gRPC servers listen on every interface, so on machines with reachable addresses
+    the firewall is the lock: every port Ray opens must be pinned (no random ones) and listed
+    in cluster/README.md's firewall table."""
+    import re
+
+    config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
+    head = " ".join(config["head_start_ray_commands"])
+    worker = " ".join(config["worker_start_ray_commands"])
+    per_node = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-grpc-port",
+                "--dashboard-agent-listen-port", "--metrics-export-port", "--runtime-env-agent-port",
+                "--min-worker-port", "--max-worker-port"]
+    ports = set()
+    for command, flags in ((head, per_node + ["--port", "--ray-client-server-port"]), (worker, per_node)):
+        for flag in flags:
+            found = re.search(rf"{flag}=(\d+)", command)
+            assert found, f"{flag} not pinned in: {command}"
+            ports.add(int(found.group(1)))
+    assert "--dashboard-host=127.0.0.1" in head
+    table = (REPO / "cluster" / "README.md").read_text().split("**Firewall**", 1)[1].split("* checkpoints", 1)[0]
+    listed = set()
+    for cell in re.findall(r"^  \| ([\d, -]+) \|", table, re.M):
+        for part in cell.split(","):
+            low, _, high = part.strip().partition("-")
+            listed |= set(range(int(low), int(high or low) + 1))
+    assert ports <= listed, sorted(ports - listed)

@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
-from t2i.alignment import to_float
+from t2i.alignment import alignment_loss, to_float, train_dual_encoder
 from t2i.data import ShardCache, eval_caption_rows, load_manifest, load_vocabulary, read_split_arrays
 from t2i.evaluate import shapes_accuracy
 from t2i.families import GANFamily, extend_schedule, make_family, mismatched_captions
@@ -15,7 +15,7 @@ from t2i.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, kl_wei
                         matching_aware_gradient_penalty)
 from t2i.models.blocks import bounded_logvar
 
-TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8"]
+TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "loss.align_weight=0"]
 
 
 def family_for(config_file, vectors, *overrides):
@@ -50,6 +50,20 @@ def test_log_variance_is_bounded_so_the_kl_stays_finite():
     zeros = torch.zeros(1, 5)
     kl = elbo_loss(torch.zeros(1, 3, 2, 2), torch.zeros(1, 3, 2, 2), zeros, bounded[None], zeros, zeros)["kl"]
     assert torch.isfinite(kl) and kl < 100
+
+
+def test_plain_elbo_ignores_beta_warm_up_and_free_bits():
+    torch.manual_seed(0)
+    recon, image = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    mu, logvar = torch.randn(4, 5), torch.randn(4, 5)
+    zeros = torch.zeros(4, 5)
+    plain = elbo_loss(recon, image, mu, logvar, zeros, zeros)
+    weighted = elbo_loss(recon, image, mu, logvar, zeros, zeros, beta=0.1, free_bits=2.0)
+    assert plain["loss"].item() == pytest.approx(plain["elbo"].item())
+    assert weighted["elbo"].item() == pytest.approx(plain["elbo"].item())
+    assert weighted["loss"].item() != pytest.approx(plain["loss"].item())
+    expected = (recon - image).pow(2).flatten(1).sum(1).mean() + gaussian_kl(mu, logvar, zeros, zeros).sum(1).mean()
+    assert plain["elbo"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_bernoulli_likelihood_is_binary_cross_entropy():
@@ -240,3 +254,136 @@ def test_a_resumed_cosine_schedule_follows_the_raised_epoch_count():
     expected = lrs(fresh_opt, fresh, 8)
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(expected[3])
     assert lrs(resumed_opt, resumed, 4) == pytest.approx(expected[4:])
+
+
+def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_dir):
+    """The gan's DAMSM-style term: a frozen encoder (not the judge) whose InfoNCE loss on
+    (generated image, caption) pairs falls as the generator trains on it alone."""
+    torch.manual_seed(0)
+    vocab = load_vocabulary(shapes_dir)
+    manifest = load_manifest(shapes_dir)
+    data = read_split_arrays(shapes_dir, manifest, "train")
+    encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors,
+                                 epochs=4, batch=32, width=8, log=lambda line: None)
+    cfg = config_lib.load(REPO / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
+    with pytest.raises(ValueError, match="alignment-loss encoder"):
+        make_family(cfg, vocab.vectors)
+    frozen = encoder.requires_grad_(False).eval()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    family = make_family(cfg, vocab.vectors, frozen)
+    family.wrap(lambda net: net)
+    family.optimizers["model"].param_groups[0]["lr"] = 2e-3
+    _, word_ids = fixed_batch(shapes_dir, 16)
+    with torch.no_grad():
+        family.generator.train(False)
+        images = family.generator.sample(word_ids, n=1, deterministic=True)[:, 0]
+    start = alignment_loss(frozen, images, word_ids).item()
+    terms = [family.generator_step(word_ids)["align"].item() for _ in range(25)]
+    assert terms[0] == pytest.approx(start, abs=1.0)  # the step reports the loss it trains on
+    assert np.mean(terms[-5:]) < np.mean(terms[:5]) - 0.1, terms
+    assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # never trained here
+    with pytest.raises(config_lib.ConfigError, match="align_weight"):
+        config_lib.load(REPO / "configs" / "cvae.toml", ["loss.align_weight=1.0"])
+
+
+def test_state_digest_sees_any_change_but_not_memory_layout():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    state = {"model": net.state_dict(), "training": {"optimizers": {"model": optimizer.state_dict()}}}
+    digest = ckpt_lib.state_digest(state)
+    layout = {"model": {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v
+                        for k, v in net.state_dict().items()}, "training": state["training"]}
+    assert ckpt_lib.state_digest(layout) == digest
+    moved = {"model": state["model"], "training": {"optimizers": {"model": {**optimizer.state_dict(),
+             "param_groups": [{**optimizer.state_dict()["param_groups"][0], "lr": 0.5}]}}}}
+    assert ckpt_lib.state_digest(moved) != digest  # a learning rate
+    optimizer.state_dict()["state"][0]["exp_avg"].add_(1e-6)
+    assert ckpt_lib.state_digest(state) != digest  # one moment estimate
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "plateau", "cosine"])
+def test_every_schedule_continues_across_a_resume_as_if_never_stopped(schedule):
+    """Two epochs, a checkpoint, a fresh family restored from it, three more epochs: the
+    learning rates equal those of five uninterrupted epochs (plateau fed the same metric)."""
+    cfg = config_lib.load(None, [f"optim.schedule={schedule}", "optim.gamma=0.5", "optim.patience=0",
+                                 "train.epochs=5", "model.width=8", "model.hidden=16", "model.latent_dim=4"])
+    vectors = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    metrics = [1.0, 1.0, 0.9, 0.9, 0.9]  # the plateau decays where it stalls
+
+    def family():
+        f = make_family(cfg, vectors)
+        f.wrap(lambda net: net)
+        return f
+
+    def run(f, epochs):
+        out = []
+        for metric in epochs:
+            f.optimizers["model"].step()
+            f.end_epoch(metric)
+            out.append(f.lr)
+        return out
+
+    straight = run(family(), metrics)
+    first = family()
+    before = run(first, metrics[:2])
+    state = {"model": first.generator.state_dict(), "training": first.state_dict()}
+    resumed = family()
+    resumed.load_networks(state)
+    resumed.wrap(lambda net: net)
+    resumed.load_training_state(state)
+    assert before + run(resumed, metrics[2:]) == pytest.approx(straight)
+    if schedule != "constant":
+        assert len(set(straight)) > 1  # the schedule really moved
+
+
+def test_free_bits_make_small_kl_dims_free():
+    """Free bits (Kingma et al. 2016): each latent dim's batch-mean KL below the floor is
+    charged at the floor, so the optimiser gains nothing by shrinking it further."""
+    recon = image = torch.zeros(2, 3, 2, 2)
+    mu = torch.tensor([[0.1, 3.0], [0.1, 3.0]])  # dim 0: KL 0.005 nats, dim 1: 4.5 nats
+    zeros = torch.zeros(2, 2)
+    terms = elbo_loss(recon, image, mu, zeros, zeros, zeros, free_bits=1.0)
+    assert terms["loss"].item() == pytest.approx(1.0 + 4.5)
+    assert terms["kl"].item() == pytest.approx(0.005 + 4.5)  # the reported KL stays the true one
+    assert kl_weight(1.0, 2, 0.5) == pytest.approx(0.25) and kl_weight(1.0, 2, 5.0) == 1.0
+
+
+def test_epoch_means_are_exact_over_uneven_batches():
+    from t2i.train import add_terms, means, term_sums
+
+    sums = term_sums(("loss", "mse"), "cpu")
+    add_terms(sums, ("loss", "mse"), {"loss": torch.tensor(1.0), "mse": torch.tensor(0.1)}, 3)
+    add_terms(sums, ("loss", "mse"), {"loss": torch.tensor(3.0), "mse": torch.tensor(0.5)}, 1)
+    result = means("dev", ("loss", "mse"), sums)
+    assert result == pytest.approx({"dev_loss": 1.5, "dev_mse": 0.2})  # (3*1 + 1*3) / 4, not (1 + 3) / 2
+
+
+def test_r_precision_on_hand_made_embeddings():
+    """Ten items whose caption embedding equals their image embedding: every item finds its
+    own caption (1.0); pointing away from it, no item does (0.0)."""
+    from t2i.alignment import r_precision
+
+    class Fixed:
+        def __init__(self, images, texts):
+            self.images, self.texts = images, texts
+
+        def eval(self):
+            return self
+
+        def embed_images(self, x):
+            return self.images[x[:, 0, 0, 0].long()]
+
+        def embed_text(self, ids):
+            return self.texts[ids[:, 0]]
+
+    n = 10
+    basis = torch.eye(n)
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 2, 2)
+    ids = np.arange(n)[:, None]
+    owner = np.arange(n)
+    right = r_precision(Fixed(basis, basis), images, ids, owner, n_candidates=5, bins=2)
+    wrong = r_precision(Fixed(basis, -basis), images, ids, owner, n_candidates=5, bins=2)
+    assert right["r_precision"] == 1.0 and wrong["r_precision"] == 0.0 and right["chance"] == pytest.approx(0.2)

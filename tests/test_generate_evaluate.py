@@ -1,6 +1,7 @@
 """Generation from a checkpoint alone, and evaluation beside baselines (no Ray needed)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,7 +192,23 @@ def test_evaluate_reports_model_and_baselines(checkpoint, shapes_dir, tmp_path):
     assert r["baseline_knn50"]["mse"] < r["baseline_mean_image"]["mse"]
     assert r["real"]["attributes"]["all"] == 1.0
     assert r["baseline_mean_image"]["r_precision"] < r["real"]["r_precision"]
+    # The pixel-neighbour judge (no network to fool) also tells real images from the mean image.
+    assert r["baseline_mean_image"]["r_precision_pixel"] < r["real"]["r_precision_pixel"]
     assert r["model_sample"]["diversity"] > 0
     assert test["pairs"] == len(part["word_ids"])
     assert set(test["copy_check"]) == {"real_median", "model_mean_median", "model_mean_ratio",
                                        "model_sample_median", "model_sample_ratio"}
+
+
+def test_report_epochs_per_row_and_the_command_that_rebuilds_the_table():
+    from t2i.report import parse_epochs, regenerate_command  # noqa: PLC0415
+
+    assert parse_epochs(["3", "gan=20"]) == {"*": 3, "gan": 20}
+    assert parse_epochs(None) == {"*": 10}
+    with pytest.raises(config_lib.ConfigError, match="unknown model 'gam'"):
+        parse_epochs(["gam=20"])
+    with pytest.raises(config_lib.ConfigError, match="expected N or MODEL=N"):
+        parse_epochs(["gan=twenty"])
+    rows = [{"key": k, "epochs": 3} for k in ("model1", "model2", "cvae")] + [{"key": "gan", "epochs": 20}]
+    command = regenerate_command(Path("data/f8k").resolve(), rows, 2000)
+    assert command.endswith("--epochs 3 --epochs gan=20 --max-pairs 2000"), command

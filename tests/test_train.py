@@ -4,6 +4,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import shutil
 
 import pytest
@@ -25,6 +26,21 @@ TINY = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.batch_si
 def tiny_cfg(shapes_dir, tmp_path, *extra):
     return config_lib.load(None, TINY + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
                                          "train.name=run", *extra])
+
+
+def dev_captions(shapes_dir):
+    return load_manifest(shapes_dir)["splits"]["dev"]["captions"]
+
+
+def assert_resumed_exactly(run_dir, epoch):
+    """The latest attempt in workers.json restored exactly the state saved at ``epoch``:
+    weights of every network, optimizer and scheduler states (digests compared)."""
+    attempt = json.loads((run_dir / "workers.json").read_text())[-1]
+    saved = next(ckpt_lib.read_state(p) for p in run_dir.glob("checkpoint_*/model.pt")
+                 if ckpt_lib.read_state(p)["epoch"] == epoch)
+    assert attempt["resumed"]["epoch"] == epoch
+    assert attempt["resumed"]["restored_digest"] == ckpt_lib.state_digest(
+        {"model": saved["model"], "training": saved["training"]})
 
 
 def epochs_on_disk(run_dir):
@@ -69,6 +85,7 @@ def test_local_mode_loss_falls(shapes_dir, tmp_path, ray_session):
     # data.cache_mb=0: every epoch streams from Ray Data (the other tests cache their shards).
     summary = fit(tiny_cfg(shapes_dir, tmp_path, "train.num_workers=0", "train.epochs=3", "data.cache_mb=0"))
     assert summary["error"] is None and summary["epochs_done"] == 3 and summary["data_mode"] == "stream"
+    assert summary["metrics"]["dev_pairs"] == dev_captions(shapes_dir)  # every dev pair scored once
     first = ckpt_lib.read_state(min(tmp_path.glob("run/checkpoint_*/model.pt"), key=lambda p: ckpt_lib.read_state(p)["epoch"]))
     assert summary["metrics"]["train_loss"] < first["metrics"]["train_loss"]
     assert summary["metrics"]["dev_mse"] < 0.2
@@ -98,6 +115,8 @@ def test_two_workers_loss_falls_and_dev_is_exact(two_worker_run, shapes_dir):
     assert summary["error"] is None and summary["data_mode"] == "cache"
     states = sorted((ckpt_lib.read_state(p) for p in tmp.glob("run/checkpoint_*/model.pt")), key=lambda s: s["epoch"])
     assert [s["epoch"] for s in states] == [0, 1, 2]
+    # Two workers split the dev set unevenly, yet together score each pair exactly once.
+    assert all(s["metrics"]["dev_pairs"] == dev_captions(shapes_dir) for s in states)
     assert states[-1]["metrics"]["train_loss"] < states[0]["metrics"]["train_loss"]
     assert states[-1]["metrics"]["dev_loss"] < states[0]["metrics"]["dev_loss"]
     json.dumps(summary)  # the job's last line must be valid JSON
@@ -136,6 +155,7 @@ def test_crashed_run_resumes_at_next_epoch(shapes_dir, tmp_path, ray_session):
     second = fit(crash)  # same name + storage: resumes from epoch 0's checkpoint
     assert second["error"] is None
     assert epochs_on_disk(tmp_path / "run") == [0, 1, 2]  # epoch 0 was not trained again
+    assert_resumed_exactly(tmp_path / "run", 0)
 
 
 def test_worker_failure_is_retried_from_last_checkpoint(shapes_dir, tmp_path, ray_session, capsys):
@@ -226,8 +246,89 @@ def test_gan_killed_run_resumes_at_next_epoch_with_both_networks(shapes_dir, tmp
     assert "discriminator" in state["training"]["networks"]
     second = fit(cfg)
     assert second["error"] is None and epochs_on_disk(tmp_path / "gan") == [0, 1, 2]
-    assert {"dev_gen_mse", "train_d_loss", "train_g_adv", "dev_d_mismatch"} <= set(second["metrics"])
+    assert_resumed_exactly(tmp_path / "gan", 0)  # both networks, both optimizers
+    assert {"dev_gen_mse", "train_d_loss", "train_g_adv", "dev_d_mismatch", "dev_align"} <= set(second["metrics"])
+    # gan.toml's alignment loss: its encoder trained once on the driver, cached beside the data.
+    assert second["metrics"]["train_align"] > 0 and (shapes_dir / "alignment_loss_encoder.pt").is_file()
     # A gan checkpoint is never resumed with another family's config.
     other = tiny_cfg(shapes_dir, tmp_path, "train.name=gan", "model.family=cvae")
     with pytest.raises(ckpt_lib.CheckpointError, match="family: checkpoint 'gan' vs config 'cvae'"):
         check_resume(tmp_path / "gan", other)
+
+
+def test_rank_zero_refuses_a_run_folder_other_hosts_cannot_see(tmp_path, monkeypatch):
+    """Workers on two hosts and a node-local run folder: the host that does not see rank 0's
+    workers.json is named (the driver's check saw only the head of an autoscaling cluster)."""
+    from t2i.train import check_run_dir_shared
+
+    cfg = config_lib.Config()
+    workers = [{"node_ip": "10.0.0.1"}, {"node_ip": "10.0.0.2"}]
+    (tmp_path / "workers.json").write_text("[]")
+    answers = [("10.0.0.1", True), ("10.0.0.2", False)]  # what each rank reported
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: None)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), answers))
+    with pytest.raises(ConfigError, match=r"not shared: workers on 10\.0\.0\.2 cannot see"):
+        check_run_dir_shared(str(tmp_path), cfg, workers, rank=0)
+    answers[1] = ("10.0.0.2", True)  # an NFS folder both hosts see
+    check_run_dir_shared(str(tmp_path), cfg, workers, rank=0)
+    answers[1] = ("10.0.0.2", False)
+    check_run_dir_shared("s3://bucket/runs/x", cfg, workers, rank=0)  # URIs are shared by nature
+    check_run_dir_shared(str(tmp_path), cfg, workers[:1], rank=0)  # one host: its own disk is fine
+
+
+def test_checkpoints_without_a_dev_split_rank_by_an_unweighted_train_number():
+    from types import SimpleNamespace
+
+    from t2i.train import selection
+
+    vae = SimpleNamespace(selection_metric="dev_gen_mse", FALLBACK_SELECTION="train_elbo")
+    gan = SimpleNamespace(selection_metric="dev_align", FALLBACK_SELECTION=None)
+    epoch = {"epoch": 2, "train_loss": 40.0, "train_elbo": 55.0}
+    assert selection({**epoch, "dev_gen_mse": 0.01}, vae) == (0.01, "dev_gen_mse")
+    assert selection({**epoch, "dev_gen_mse": 0.01, "dev_align": 2.5}, gan) == (2.5, "dev_align")
+    # Not train_loss: during KL warm-up it is smaller for the earlier (less trained) epochs.
+    assert selection(epoch, vae) == (55.0, "train_elbo")
+    assert selection(epoch, gan) == (-2.0, "latest epoch")  # a gan: the latest ranks first
+
+
+def test_relative_paths_are_refused_under_ray_job_submit():
+    """Under `ray job submit --working-dir .` the driver runs in Ray's temporary copy of the
+    code: a relative run folder would be deleted with it."""
+    from t2i.train import check_paths_under_job
+
+    submitted = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}})
+    cfg = config_lib.Config()  # train.storage_path = "runs", data.cache_dir = "data/cache"
+    assert check_paths_under_job(cfg, None) == []  # plain `python train_job.py`
+    assert check_paths_under_job(cfg, json.dumps({"runtime_env": {}})) == []  # a job without a working dir
+    with pytest.raises(ConfigError, match=r"train.storage_path='runs': relative paths resolve inside Ray's temporary"):
+        check_paths_under_job(cfg, submitted)
+    cfg.train.storage_path = "/shared/runs"
+    cfg.data.path = "data/f8k"
+    with pytest.raises(ConfigError, match=r"data.path='data/f8k'"):
+        check_paths_under_job(cfg, submitted)
+    cfg.data.path = ""
+    warnings = check_paths_under_job(cfg, submitted)  # the shapes set is re-prepared: a warning only
+    assert len(warnings) == 1 and "data.cache_dir='data/cache' is relative" in warnings[0]
+    cfg.data.cache_dir, cfg.train.storage_path = "/shared/cache", "s3://bucket/runs"
+    assert check_paths_under_job(cfg, submitted) == []
+
+
+def test_auto_gpu_counts_what_an_autoscaling_cluster_could_start():
+    from t2i.train import decide_gpu
+
+    assert decide_gpu(visible=0, could_scale_to=None, workers=2) is False  # a CPU machine, no autoscaler
+    assert decide_gpu(visible=2, could_scale_to=None, workers=2) is True
+    # cluster/aws.yaml: head only at submit, up to 4 g5 workers with 1 GPU each.
+    assert decide_gpu(visible=0, could_scale_to=4, workers=2) is True
+    assert decide_gpu(visible=0, could_scale_to=4, workers=8) is False
+    assert decide_gpu(visible=1, could_scale_to=0, workers=0) is True  # local mode still uses the GPU
+
+
+def test_torch_threads_follow_the_cpus_ray_assigned():
+    from t2i.train import usable_cpus, worker_threads
+
+    assert worker_threads(4.0, usable=16, local_workers=2) == 4  # not 16 // 2: Ray Data keeps its CPUs
+    assert worker_threads(8.0, usable=4, local_workers=1) == 4  # never more than the cgroup allows
+    assert worker_threads(0.45, usable=2, local_workers=1) == 2  # this machine's default setting
+    assert worker_threads(0.45, usable=2, local_workers=2) == 1
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
