@@ -526,9 +526,13 @@ def check_cluster_storage(cfg: Config, locations: dict[str, str]) -> None:
             raise config_lib.ConfigError(problem)
 
 
-def quiet_ray_before_init() -> None:
+def ray_env_before_init() -> None:
     """Environment knobs Ray reads at import or start (before ``ray.init``; a local Ray's
-    processes inherit them). Each stays overridable from the shell."""
+    processes inherit them; a cluster's raylets keep their own). Each stays overridable."""
+    # Ray starts workers at niceness 15, below its own raylet, GCS, dashboard and agents:
+    # on a small machine every wake-up of those stalls the training worker's two-thread
+    # kernels. At 0 the default run took 4 min 57 s instead of 5 min 24 s, same losses.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     if console.verbose():
         return
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # else worker prints appear twice
@@ -561,7 +565,7 @@ def start_ray() -> None:
     A cluster keeps its own settings (set them in its runtime environment)."""
     if ray.is_initialized():
         return
-    quiet_ray_before_init()
+    ray_env_before_init()
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
     loud = console.verbose()
