@@ -110,6 +110,7 @@ class PixelNeighbourJudge:
                  vectors: np.ndarray, k: int = 20):
         self.k = k
         self.thumbs = self._thumb(to_float(train_images))
+        self.thumbs_sq = self.thumbs.pow(2).sum(1)  # once, not per scored chunk
         sums = np.zeros((len(train_images), caption_embeddings.shape[1]), dtype=np.float64)
         np.add.at(sums, caption_image, caption_embeddings)
         counts = np.bincount(caption_image, minlength=len(train_images)).clip(min=1)[:, None]
@@ -124,7 +125,7 @@ class PixelNeighbourJudge:
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         q = self._thumb(images)
-        d2 = q.pow(2).sum(1, keepdim=True) + self.thumbs.pow(2).sum(1)[None] - 2 * q @ self.thumbs.t()
+        d2 = q.pow(2).sum(1, keepdim=True) + self.thumbs_sq[None] - 2 * q @ self.thumbs.t()
         nearest = d2.topk(self.k, dim=1, largest=False).indices
         return F.normalize(self.described[nearest].mean(1), dim=-1)
 

@@ -139,13 +139,14 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     is_shapes = manifest["dataset"] == "shapes"
     vocab = load_vocabulary(root)
     train = read_split_arrays(root, manifest, "train")
-    judge = encoders.load_or_train(encoders.JUDGE, root, manifest, vocab, train, log)
+    judges = (encoders.load_or_train(encoders.JUDGE, root, manifest, vocab, train, log),
+              PixelNeighbourJudge(train["images"], train["embeddings"], train["caption_image"], vocab.vectors))
     mean_image = torch.as_tensor(train["images"].astype(np.float32).mean(axis=0) / 255.0).permute(2, 0, 1)
     splits = [split] + (["novel"] if is_shapes and split != "novel" and "novel" in manifest["splits"] else [])
     result = {"checkpoint": str(checkpoint), "data": str(root), "dataset": manifest["dataset"],
               "model": loaded.config.model.family, "epoch": loaded.state["epoch"], "splits": {}}
     for name in splits:
-        result["splits"][name] = evaluate_split(loaded, root, manifest, name, train, judge, mean_image, vocab,
+        result["splits"][name] = evaluate_split(loaded, root, manifest, name, train, judges, mean_image, vocab,
                                                 samples, seed, max_pairs, is_shapes)
     result["seconds"] = time.perf_counter() - started
     if out:
@@ -154,7 +155,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     return result
 
 
-def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, vocab, samples, seed, max_pairs,
+def evaluate_split(loaded, root, manifest, split, train, judges, mean_image, vocab, samples, seed, max_pairs,
                    is_shapes) -> dict:
     if split not in manifest["splits"]:
         raise DatasetError(f"split {split!r} not in {root}; it has {sorted(manifest['splits'])}")
@@ -186,7 +187,6 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
                 acc.add("model_sample/", image_metrics(draws[:, j], truth))
             acc.add("model_sample/", {"diversity": metrics.pairwise_diversity(draws)})
     knn = torch.as_tensor(knn_baseline(train, part["embeddings"])).permute(0, 3, 1, 2)
-    pixel_judge = PixelNeighbourJudge(train["images"], train["embeddings"], train["caption_image"], vocab.vectors)
     truth = truth_all[part["caption_image"]]
     acc.add("baseline_mean_image/", image_metrics(mean_image.expand_as(truth), truth))
     acc.add(f"baseline_knn{KNN}/", image_metrics(knn, truth))
@@ -201,6 +201,7 @@ def evaluate_split(loaded, root, manifest, split, train, judge, mean_image, voca
           "baseline_mean_image": mean_image.expand_as(truth)}
     if samples:
         rp["model_sample"] = sampled_first
+    judge, pixel_judge = judges  # the CNN dual encoder; the pixel-neighbour judge beside it
     for name, images in rp.items():
         table.setdefault(name, {}).update(r_precision(judge, images, part["word_ids"], part["caption_image"], seed=seed))
         pixel = r_precision(pixel_judge, images, part["word_ids"], part["caption_image"], seed=seed)

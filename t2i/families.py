@@ -112,9 +112,12 @@ class Family(abc.ABC):
         drawn from the caption alone, never a loss in which an encoder sees the image."""
         return "dev_gen_mse"
 
-    def __init__(self, cfg: Config, vectors: np.ndarray):
+    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
         self.cfg = cfg
         self.model = build_model(cfg.model, vectors)
+        # A frozen helper network (the gan's alignment loss; the config refuses the weight
+        # for other families): never trained or checkpointed here (cached beside the data).
+        self.alignment_encoder = alignment_encoder
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, object] = {}
 
@@ -140,6 +143,8 @@ class Family(abc.ABC):
 
     def to(self, device: torch.device) -> None:
         """Move what :meth:`wrap` does not (frozen helper networks) to ``device``."""
+        if self.alignment_encoder is not None:
+            self.alignment_encoder.to(device)
 
     def train(self, mode: bool = True) -> None:
         for net in self.networks().values():
@@ -231,17 +236,11 @@ class GANFamily(Family):
     EVAL_TERMS = ("loss", "kl", "align", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
 
     def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
-        super().__init__(cfg, vectors)
+        super().__init__(cfg, vectors, alignment_encoder)
         self.discriminator = build_discriminator(cfg.model, vectors)
         if cfg.loss.align_weight > 0 and alignment_encoder is None:
             raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
                              "(t2i.encoders.ALIGNMENT_LOSS)")
-        # Frozen and never trained here; not a checkpointed network (cached beside the data).
-        self.alignment_encoder = alignment_encoder
-
-    def to(self, device: torch.device) -> None:
-        if self.alignment_encoder is not None:
-            self.alignment_encoder.to(device)
 
     @property
     def selection_metric(self) -> str:
@@ -334,6 +333,4 @@ FAMILIES: dict[str, type[Family]] = {"seed": VAEFamily, "cvae": VAEFamily, "gan"
 
 def make_family(cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None) -> Family:
     """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used)."""
-    if cfg.model.family == "gan":
-        return GANFamily(cfg, vectors, alignment_encoder)
-    return FAMILIES[cfg.model.family](cfg, vectors)
+    return FAMILIES[cfg.model.family](cfg, vectors, alignment_encoder)

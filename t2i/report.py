@@ -82,7 +82,7 @@ def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: dic
     """``epochs``: from :func:`parse_epochs` (``"*"``: every model, else per model key)."""
     from t2i.train import summarize  # noqa: PLC0415
 
-    epochs = epochs or {"*": 10}
+    epochs = epochs or parse_epochs(None)
 
     data, runs, out_dir = Path(data).resolve(), Path(runs).resolve(), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

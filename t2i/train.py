@@ -127,9 +127,8 @@ def train_func(loop_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(cfg.train.seed * 1000 + rank)
     # Ray starts workers with OMP_NUM_THREADS=1; a worker granted 4 CPUs would use one.
-    context_ray = ray.get_runtime_context()
-    in_worker = context_ray.worker.mode == ray._private.worker.WORKER_MODE  # local mode runs in the driver
-    assigned = context_ray.get_assigned_resources().get("CPU", 0.0) if in_worker else 0.0
+    # Local mode runs in the driver, which has no resource grant.
+    assigned = 0.0 if local_mode(cfg) else ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
     torch.set_num_threads(cfg.train.torch_threads or worker_threads(assigned, usable_cpus(),
                                                                     context.get_local_world_size()))
     device = ray.train.torch.get_device()
