@@ -98,14 +98,63 @@ def job_status(dashboard: str, submission_id: str) -> str:
     return dashboard_get(dashboard, f"/api/jobs/{submission_id}")["status"]
 
 
-def spawn_node(name: str, args: list[str], state_dir: Path) -> dict:
+# Ray's gRPC servers listen on every interface whatever --node-ip-address says (measured:
+# GCS and raylet on [::], the dashboard agent on 0.0.0.0 and the machine's address), so every
+# port a node opens is pinned and recorded in state.json: `status` lists them, and the test
+# asserts that nothing else listens beyond loopback (cluster/README.md, Security).
+WORKER_PORTS = (10002, 19999)  # core workers and drivers: Ray's default range, shared by the nodes
+
+
+def node_ports() -> dict[str, int]:
+    """Free ports for one node's raylet and agents (each node of this machine needs its own)."""
+    names = ("node_manager", "object_manager", "dashboard_agent_grpc", "dashboard_agent_listen",
+             "metrics_export", "runtime_env_agent")
+    return {name: free_port() for name in names}
+
+
+def port_flags(ports: dict[str, int]) -> list[str]:
+    flags = {"node_manager": "--node-manager-port", "object_manager": "--object-manager-port",
+             "dashboard_agent_grpc": "--dashboard-agent-grpc-port",
+             "dashboard_agent_listen": "--dashboard-agent-listen-port", "metrics_export": "--metrics-export-port",
+             "runtime_env_agent": "--runtime-env-agent-port"}
+    return [f"{flags[name]}={port}" for name, port in ports.items() if name in flags] + [
+        f"--min-worker-port={WORKER_PORTS[0]}", f"--max-worker-port={WORKER_PORTS[1]}"]
+
+
+def listening_sockets(state: dict) -> list[dict]:
+    """Every TCP socket a process of this cluster's nodes listens on (each node leads its
+    own process session): node, process, address, port."""
+    import psutil  # noqa: PLC0415 - only `status` and the tests ask
+
+    sessions = {node["pid"]: node["name"] for node in state["nodes"]}
+    found = []
+    for process in psutil.process_iter(["pid", "name"]):
+        try:
+            node = sessions.get(os.getsid(process.pid))
+            if node is None:
+                continue
+            for conn in process.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append({"node": node, "process": process.info["name"], "address": conn.laddr.ip,
+                                  "port": conn.laddr.port})
+        except (psutil.Error, ProcessLookupError):
+            continue  # a worker that exited meanwhile
+    return found
+
+
+def spawn_node(name: str, args: list[str], state_dir: Path, ports: dict[str, int]) -> dict:
     temp_dir = state_dir / name
     temp_dir.mkdir(parents=True, exist_ok=True)
     log = open(state_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the node process
     command = [ray_cli(), "start", "--block", f"--temp-dir={temp_dir}", f"--labels=t2i-node={name}", *args]
+    env = node_env()
+    if "autoscaler_metrics" in ports:
+        env["AUTOSCALER_METRIC_PORT"] = str(ports["autoscaler_metrics"])
+        env["DASHBOARD_METRIC_PORT"] = str(ports["dashboard_metrics"])
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=node_env(), start_new_session=True)
-    return {"name": name, "pid": process.pid, "temp_dir": str(temp_dir), "log": log.name, "command": command}
+                               env=env, start_new_session=True)
+    return {"name": name, "pid": process.pid, "temp_dir": str(temp_dir), "log": log.name, "command": command,
+            "ports": ports}
 
 
 def list_nodes(dashboard: str) -> list[dict]:
@@ -143,23 +192,27 @@ def start(args) -> dict:
     gcs = f"{HOST}:{args.port}"
     state = {"state_dir": str(state_dir), "gcs_address": gcs,
              "dashboard": f"http://{HOST}:{args.dashboard_port}", "nodes": []}
-    own_ports = ["--dashboard-agent-grpc-port=0", "--runtime-env-agent-port=0", "--metrics-export-port=0"]
+    # The head's two Prometheus servers have fixed default ports (44217, 44227) on every
+    # interface; free ones here, so two clusters on one machine do not collide.
+    head_ports = {"gcs": args.port, "ray_client_server": free_port(), "autoscaler_metrics": free_port(),
+                  "dashboard_metrics": free_port(), **node_ports()}
     head = spawn_node("head", [
         "--head", f"--node-ip-address={HOST}", f"--port={args.port}",
         f"--dashboard-host={HOST}", f"--dashboard-port={args.dashboard_port}",
-        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={head_ports['ray_client_server']}", *port_flags(head_ports),
         f"--num-cpus={args.head_cpus}", f"--memory={int(args.head_memory_gb * 1e9)}",
-        f"--object-store-memory={int(args.object_store_gb * 1e9)}", *own_ports], state_dir)
+        f"--object-store-memory={int(args.object_store_gb * 1e9)}"], state_dir, head_ports)
     state["nodes"].append(head)
     state_path(state_dir).write_text(json.dumps(state, indent=1))
     wait_for_nodes(state, 1, args.timeout)
     for index in range(1, args.workers + 1):
         # Every node of this machine needs its own agent ports, and its own memory budget
         # (otherwise each counts the whole machine's RAM).
+        ports = node_ports()
         state["nodes"].append(spawn_node(f"worker{index}", [
-            f"--address={gcs}", f"--node-ip-address={HOST}", f"--dashboard-agent-listen-port={free_port()}",
+            f"--address={gcs}", f"--node-ip-address={HOST}", *port_flags(ports),
             f"--num-cpus={args.worker_cpus}", f"--memory={int(args.worker_memory_gb * 1e9)}",
-            f"--object-store-memory={int(args.object_store_gb * 1e9)}", *own_ports], state_dir))
+            f"--object-store-memory={int(args.object_store_gb * 1e9)}"], state_dir, ports))
         state_path(state_dir).write_text(json.dumps(state, indent=1))
     nodes = wait_for_nodes(state, 1 + args.workers, args.timeout)
     ids = {n.get("labels", {}).get("t2i-node"): n.get("node_id") for n in nodes}
@@ -178,10 +231,23 @@ def status(args) -> dict:
     state = load_state(state_dir)
     processes = {n["name"]: len(session_members(n["pid"])) for n in state["nodes"]}
     ray_view = list_nodes(state["dashboard"]) if processes.get("head") else []
+    try:
+        exposed = sorted({(s["node"], s["port"]) for s in listening_sockets(state) if not is_loopback(s["address"])})
+    except ImportError:
+        exposed = "pip install psutil to list them"
     return {"state_dir": str(state_dir), "dashboard": state["dashboard"], "processes": processes,
             "ray_nodes": [{"name": n.get("labels", {}).get("t2i-node"), "node_id": n.get("node_id"),
                            "state": n.get("state"), "head": n.get("is_head_node"),
-                           "cpus": n.get("resources_total", {}).get("CPU")} for n in ray_view]}
+                           "cpus": n.get("resources_total", {}).get("CPU")} for n in ray_view],
+            "pinned_ports": {n["name"]: n.get("ports") for n in state["nodes"]}, "worker_ports": WORKER_PORTS,
+            "listening_beyond_loopback": exposed}
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress  # noqa: PLC0415
+
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
 
 
 def session_members(session_id: int) -> list[int]:

@@ -52,10 +52,29 @@ def to_float(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float().div(255.0)
 
 
+# Words a horizontal flip turns into each other: a mirrored image must get the mirrored
+# caption, or flip augmentation teaches the encoder that "left" and "right" mean the same.
+MIRRORED_WORDS = (("left", "right"),)
+
+
+def mirror_ids(words: list[str]) -> np.ndarray | None:
+    """Word-id map for a horizontally flipped image's caption (left <-> right), or None when
+    the vocabulary has one word of a pair but not the other: then no image may be flipped."""
+    index = {w: i for i, w in enumerate(words)}
+    mapping = np.arange(len(words))
+    for a, b in MIRRORED_WORDS:
+        if (a in index) != (b in index):
+            return None
+        if a in index:
+            mapping[index[a]], mapping[index[b]] = index[b], index[a]
+    return mapping
+
+
 def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_image: np.ndarray,
-                       vectors: np.ndarray, epochs: int = 6, batch: int = 128, seed: int = 0,
-                       width: int = 32, log=print) -> DualEncoder:
-    """images (N, H, W, 3) uint8; caption_ids (M, L); caption_image (M,) index into images."""
+                       vectors: np.ndarray, mirror: np.ndarray | None, epochs: int = 6, batch: int = 128,
+                       seed: int = 0, width: int = 32, log=print) -> DualEncoder:
+    """images (N, H, W, 3) uint8; caption_ids (M, L); caption_image (M,) index into images;
+    mirror: :func:`mirror_ids` of the vocabulary (None: no flip augmentation)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = DualEncoder(vectors, width=width)
@@ -69,11 +88,12 @@ def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_imag
         for start in range(0, len(order) - batch + 1, batch):
             idx = order[start: start + batch]
             caps = np.array([by_image[i][rng.integers(len(by_image[i]))] for i in idx])
-            # Flip augmentation keeps the judge from memorising exact pixels.
-            imgs = to_float(images[idx])
-            if rng.random() < 0.5:
-                imgs = imgs.flip(3)
-            loss = contrastive_loss(model.embed_images(imgs), model.embed_text(torch.as_tensor(caption_ids[caps]).long()),
+            # Flip augmentation keeps the judge from memorising exact pixels; the caption is
+            # mirrored with the image.
+            imgs, ids = to_float(images[idx]), caption_ids[caps]
+            if mirror is not None and rng.random() < 0.5:
+                imgs, ids = imgs.flip(3), mirror[ids]
+            loss = contrastive_loss(model.embed_images(imgs), model.embed_text(torch.as_tensor(ids).long()),
                                     model.log_scale)
             optimizer.zero_grad()
             loss.backward()
@@ -135,24 +155,48 @@ class PixelNeighbourJudge:
         return F.normalize(means, dim=-1)
 
 
+def distractor_pools(caption_ids: np.ndarray, caption_image: np.ndarray, n_candidates: int,
+                     rng: np.random.Generator) -> list[np.ndarray]:
+    """For each caption row i: up to ``n_candidates - 1`` other rows, drawn without
+    replacement, none describing i's image and none with i's exact text (a distractor that
+    reads like the true caption would make the item unanswerable)."""
+    _, text_of = np.unique(np.asarray(caption_ids), axis=0, return_inverse=True)
+    text_of = text_of.reshape(-1)
+    m = len(caption_ids)
+    pools = []
+    for i in range(m):
+        want = n_candidates - 1
+        draw = rng.choice(m, size=min(m, 2 * want + 8), replace=False)
+        ok = draw[(caption_image[draw] != caption_image[i]) & (text_of[draw] != text_of[i])][:want]
+        if len(ok) < want:  # a small or repetitive split: take every eligible row, in random order
+            eligible = np.flatnonzero((caption_image != caption_image[i]) & (text_of != text_of[i]))
+            ok = rng.permutation(eligible)[:want]
+        pools.append(ok)
+    return pools
+
+
+def ranks_first(scores: np.ndarray) -> bool:
+    """scores[0] is the true caption's: a hit only when it beats every distractor (a tie
+    is a miss, so a judge that scores everything alike gets nothing)."""
+    return bool(len(scores) > 1 and scores[0] > scores[1:].max())
+
+
 @torch.no_grad()
 def r_precision(model: DualEncoder, images: torch.Tensor, caption_ids: np.ndarray, caption_image: np.ndarray,
                 n_candidates: int = 100, bins: int = 10, seed: int = 0) -> dict[str, float]:
     """Item i = (images[i], caption row i). images: (M, 3, H, W) float, one per caption row;
-    caption_image: (M,) source image of each caption (distractors come from other images)."""
+    caption_image: (M,) source image of each caption. ``chance`` is the expected hit rate
+    of a random ranking over the pools actually drawn (1/100 unless a split is small)."""
     model.eval()
     emb_img = torch.cat([model.embed_images(images[s: s + 512]) for s in range(0, len(images), 512)])
     ids = torch.from_numpy(np.array(caption_ids, dtype=np.int64))
     emb_txt = torch.cat([model.embed_text(ids[s: s + 1024]) for s in range(0, len(ids), 1024)])
     rng = np.random.default_rng(seed)
-    m = len(caption_ids)
-    hits = np.zeros(m, dtype=bool)
-    for i in range(m):
-        others = rng.integers(0, m, size=n_candidates * 2)
-        others = others[caption_image[others] != caption_image[i]][: n_candidates - 1]
+    pools = distractor_pools(caption_ids, np.asarray(caption_image), n_candidates, rng)
+    hits = np.zeros(len(pools), dtype=bool)
+    for i, others in enumerate(pools):
         candidates = np.concatenate([[i], others])
-        scores = emb_txt[candidates] @ emb_img[i]
-        hits[i] = bool(scores.argmax() == 0)
-    per_bin = [b.mean() for b in np.array_split(hits[rng.permutation(m)], bins) if len(b)]
+        hits[i] = ranks_first((emb_txt[candidates] @ emb_img[i]).numpy())
+    per_bin = [b.mean() for b in np.array_split(hits[rng.permutation(len(hits))], bins) if len(b)]
     return {"r_precision": float(np.mean(per_bin)), "r_precision_std": float(np.std(per_bin)),
-            "chance": 1.0 / n_candidates}
+            "chance": float(np.mean([1.0 / (len(p) + 1) for p in pools]))}

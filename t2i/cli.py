@@ -1,4 +1,4 @@
-"""``python -m t2i <command>``: prepare data, train, generate, evaluate.
+"""``python -m t2i <command>``: prepare data, generate, evaluate, report, serve.
 
 Each subcommand only parses its arguments and calls one function of the package; errors
 that a user can fix (bad paths, bad config keys, broken checkpoints: ``T2IError``) print
@@ -74,6 +74,20 @@ def _report(args: argparse.Namespace) -> dict:
                         max_pairs=args.max_pairs, train_missing=not args.no_train, models=args.models)
 
 
+def _serve(args: argparse.Namespace) -> dict:
+    from t2i.serve import ServeConfig, serve_until_stopped  # noqa: PLC0415 - Serve and FastAPI load slowly
+
+    config = ServeConfig.from_args({"checkpoint": args.checkpoint, "host": args.host, "port": args.port,
+                                    "replicas": args.replicas, "max_batch_size": args.max_batch_size})
+    try:
+        return serve_until_stopped(config, say=lambda line: print(line, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:  # Ctrl-C while Ray or Serve was still starting
+        return {"served": None, "interrupted": True}
+    finally:
+        if "ray" in sys.modules:
+            sys.modules["ray"].shutdown()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m t2i", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out-dir", default="results")
     rep.add_argument("--verbose", action="store_true", help="also show Ray's own logs while training")
     rep.set_defaults(run=_report)
+
+    srv = commands.add_parser("serve", help="a web page and HTTP API on Ray Serve (Ctrl-C stops)")
+    srv.add_argument("--checkpoint", required=True,
+                     help="a model.pt, its checkpoint folder, a run folder (its best checkpoint) or a URI")
+    srv.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default loopback only; any other exposes the model: put an authenticating proxy in front)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--replicas", type=int, default=1, help="model replicas (each loads the checkpoint)")
+    srv.add_argument("--max-batch-size", type=int, default=8,
+                     help="concurrent requests drawn in one forward pass (1 = no batching)")
+    srv.set_defaults(run=_serve)
     return parser
 
 

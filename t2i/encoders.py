@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from t2i import storage
-from t2i.alignment import DualEncoder, train_dual_encoder
+from t2i.alignment import DualEncoder, mirror_ids, train_dual_encoder
 from t2i.data import read_split_arrays
 
 
@@ -45,9 +45,14 @@ def build(role: EncoderRole, vectors: np.ndarray, state: dict | None = None) -> 
     return model.eval()
 
 
+# Bumped when training changes: "mirror" = flips swap left/right in the caption (older
+# caches were trained with flips that taught the encoders to ignore them, and retrain).
+TRAINING_VERSION = "mirror"
+
+
 def _fingerprint(role: EncoderRole, manifest: dict) -> str:
     shards = "".join(s["sha256"] for s in manifest["splits"]["train"]["shards"])
-    return f"{shards}/seed={role.seed}/width={role.width}"
+    return f"{shards}/seed={role.seed}/width={role.width}/{TRAINING_VERSION}"
 
 
 def load_or_train(role: EncoderRole, root: str, manifest: dict, vocab, train: dict | None = None,
@@ -59,14 +64,13 @@ def load_or_train(role: EncoderRole, root: str, manifest: dict, vocab, train: di
     fingerprint = _fingerprint(role, manifest)
     if storage.is_file(path):
         state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-        # Caches written before roles existed carry the shard hashes alone (the judge's settings).
-        if state.get("fingerprint") in (fingerprint, fingerprint.split("/")[0] if role == JUDGE else None):
+        if state.get("fingerprint") == fingerprint:
             return build(role, vocab.vectors, state["model"])
     log(f"training the {role.purpose} on the train split (cached afterwards in {path})")
     if train is None:
         train = read_split_arrays(root, manifest, "train")
     model = train_dual_encoder(train["images"], train["word_ids"], train["caption_image"], vocab.vectors,
-                               seed=role.seed, width=role.width, log=log)
+                               mirror_ids(vocab.words), seed=role.seed, width=role.width, log=log)
     buffer = io.BytesIO()
     torch.save({"fingerprint": fingerprint, "model": model.state_dict()}, buffer)
     try:

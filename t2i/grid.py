@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -23,6 +24,14 @@ def to_uint8(images) -> np.ndarray:
 
 def save_grid(images, prompts: list[str], path: str | Path, scale: int = 2) -> Path:
     """(P, n, 3, H, W) -> one PNG: a row of n samples per prompt, its text above the row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images, prompts, scale).save(path)
+    return path
+
+
+def grid_image(images, prompts: list[str], scale: int = 2) -> Image.Image:
+    """The picture :func:`save_grid` writes (also served as PNG bytes by t2i.serve)."""
     tiles = to_uint8(images)
     rows, n, h, w, _ = tiles.shape
     h, w = h * scale, w * scale
@@ -42,10 +51,17 @@ def save_grid(images, prompts: list[str], path: str | Path, scale: int = 2) -> P
         strip = make_grid(samples, nrow=n, padding=PAD, pad_value=255)  # PAD before, between and after
         canvas.paste(Image.fromarray(strip.permute(1, 2, 0).numpy()), (0, top - PAD))
         y += heights[r]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
+    return canvas
+
+
+def png_bytes(picture: Image.Image | np.ndarray) -> bytes:
+    """PNG bytes of a PIL image or an (H, W, 3) uint8 array; PIL writes no timestamp, so
+    equal pixels give equal bytes."""
+    if isinstance(picture, np.ndarray):
+        picture = Image.fromarray(picture)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_each(images, folder: str | Path) -> list[Path]:

@@ -394,11 +394,17 @@ def _say(line: str) -> None:
 def use_gpu(cfg: Config) -> bool:
     if cfg.train.use_gpu != "auto":
         return cfg.train.use_gpu == "true"
+    return cluster_has_gpus(cfg.train.num_workers)
+
+
+def cluster_has_gpus(needed: int) -> bool:
+    """Whether the connected cluster has, or its autoscaler could start, ``needed`` GPUs
+    (also asked by t2i.serve for its replicas)."""
     try:  # what an autoscaling cluster's node types could provide (Ray Train V2 reads it too)
         limits = ray._private.state.state.get_max_resources_from_cluster_config()
     except Exception:  # noqa: BLE001 - no autoscaler state (a local or fixed-size cluster)
         limits = None
-    return decide_gpu(ray.cluster_resources().get("GPU", 0), (limits or {}).get("GPU"), cfg.train.num_workers)
+    return decide_gpu(ray.cluster_resources().get("GPU", 0), (limits or {}).get("GPU"), needed)
 
 
 def decide_gpu(visible: float, could_scale_to: float | None, workers: int) -> bool:

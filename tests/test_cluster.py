@@ -95,6 +95,10 @@ def kuberay_problems(doc: dict) -> list[str]:
         if "rayClusterSpec" not in spec and "clusterSelector" not in spec:
             problems.append("RayJob: needs spec.rayClusterSpec or spec.clusterSelector")
         spec = spec.get("rayClusterSpec") or {}
+    if kind == "RayService":
+        if not spec.get("serveConfigV2"):
+            problems.append("RayService: spec.serveConfigV2 missing")
+        spec = spec.get("rayClusterConfig") or {}
     head = spec.get("headGroupSpec")
     if not isinstance(head, dict):
         return problems + [f"{kind}: headGroupSpec missing"]
@@ -139,11 +143,11 @@ def test_kuberay_manifests_are_complete_and_private():
 
     docs = k8s_docs()
     kinds = {d["kind"] for _, d in docs}
-    assert {"RayCluster", "RayJob", "NetworkPolicy"} <= kinds
+    assert {"RayCluster", "RayJob", "RayService", "NetworkPolicy"} <= kinds
     for name, doc in docs:
-        if doc["kind"] in ("RayCluster", "RayJob"):
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
             assert kuberay_problems(doc) == [], name
-            spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+            spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
             assert spec["rayVersion"] == ray.__version__, name
             workers = spec["workerGroupSpecs"]
             assert any("nvidia.com/gpu" in c["resources"]["limits"]
@@ -152,7 +156,8 @@ def test_kuberay_manifests_are_complete_and_private():
             assert doc["spec"].get("type", "ClusterIP") == "ClusterIP", name
     # The RayJob reaches S3 as the t2i-ray service account (IRSA / workload identity).
     job = next(d for _, d in docs if d["kind"] == "RayJob")["spec"]["rayClusterSpec"]
-    pods = [job["headGroupSpec"]] + job["workerGroupSpecs"]
+    service = next(d for _, d in docs if d["kind"] == "RayService")["spec"]["rayClusterConfig"]
+    pods = [job["headGroupSpec"]] + job["workerGroupSpecs"] + [service["headGroupSpec"]] + service["workerGroupSpecs"]
     assert {g["template"]["spec"].get("serviceAccountName") for g in pods} == {"t2i-ray"}
     account = next(d for _, d in docs if d["kind"] == "ServiceAccount")
     assert account["metadata"]["name"] == "t2i-ray" and "eks.amazonaws.com/role-arn" in account["metadata"]["annotations"]
@@ -354,7 +359,7 @@ def two_node_cluster():
                               "--head-cpus", "2", "--worker-cpus", "1"], capture_output=True, text=True, timeout=300)
     assert started.returncode == 0, started.stderr[-3000:]
     try:
-        yield {"cli": cli, "dashboard": json.loads(started.stdout)["dashboard"],
+        yield {"cli": cli, "dashboard": json.loads(started.stdout)["dashboard"], "state": state / "state.json",
                "nodes": {n["name"]: n["node_id"] for n in json.loads((state / "state.json").read_text())["nodes"]}}
     finally:
         pids = [n["pid"] for n in json.loads((state / "state.json").read_text())["nodes"]]
@@ -370,11 +375,6 @@ def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluste
     assert set(nodes) == {"head", "worker1"} and all(nodes.values())
     common = ["--data", str(shapes_dir), "--set", f"train.storage_path={tmp_path}"]
 
-    # A Tune sweep submitted as a job completes.
-    sweep = submit(dashboard, "python", "tune_search.py", "--smoke-test", *common)
-    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-2000:]
-    assert last_json_line(sweep.stdout)["trials"] == 2
-
     # Two workers spread over both nodes; worker node 1 dies after the first checkpoint.
     run_dir = tmp_path / "spread"
     submit(dashboard, "python", "train_job.py", "--smoke-test", *common, "--set", "train.name=spread",
@@ -386,6 +386,21 @@ def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluste
         time.sleep(0.5)
     first_attempt = json.loads((run_dir / "workers.json").read_text())[0]["workers"]
     assert {w["node_id"] for w in first_attempt} == {nodes["head"], nodes["worker1"]}
+
+    # While the job runs, what listens beyond loopback is only what local.py pinned for each
+    # node (cluster/README.md, Security) or Ray's core-worker range; never the dashboard.
+    state = json.loads(two_node_cluster["state"].read_text())
+    sockets = local_cluster.listening_sockets(state)
+    assert {s["node"] for s in sockets} == {"head", "worker1"}
+    pinned = {port for node in state["nodes"] for port in node["ports"].values()}
+    low, high = local_cluster.WORKER_PORTS
+    exposed = [s for s in sockets if not local_cluster.is_loopback(s["address"])]
+    # A training worker's other ports are torch.distributed's (TCPStore rendezvous, gloo): random.
+    unexpected = [s for s in exposed if s["port"] not in pinned and not low <= s["port"] <= high
+                  and not s["process"].startswith("ray::RayTrainWorker")]
+    assert unexpected == [], f"listening beyond loopback on ports local.py did not pin: {unexpected}"
+    dashboard_port = int(dashboard.rsplit(":", 1)[1])
+    assert dashboard_port not in {s["port"] for s in exposed} and dashboard_port in {s["port"] for s in sockets}
     killed = subprocess.run([*two_node_cluster["cli"], "kill-node", "1"], capture_output=True, text=True, timeout=60)
     assert killed.returncode == 0, killed.stderr
     while (status := job_status(dashboard, "t2i-spread")) in ("PENDING", "RUNNING"):
@@ -424,6 +439,10 @@ def test_onprem_pins_every_ray_port_and_the_firewall_table_lists_them():
             found = re.search(rf"{flag}=(\d+)", command)
             assert found, f"{flag} not pinned in: {command}"
             ports.add(int(found.group(1)))
+    for variable in ("AUTOSCALER_METRIC_PORT", "DASHBOARD_METRIC_PORT"):  # the head's Prometheus servers
+        found = re.search(rf"{variable}=(\d+)", head)
+        assert found, f"{variable} not set in: {head}"
+        ports.add(int(found.group(1)))
     assert "--dashboard-host=127.0.0.1" in head
     table = (REPO / "cluster" / "README.md").read_text().split("**Firewall**", 1)[1].split("* checkpoints", 1)[0]
     listed = set()

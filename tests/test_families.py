@@ -7,7 +7,7 @@ import torch
 from conftest import REPO
 from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
-from t2i.alignment import alignment_loss, to_float, train_dual_encoder
+from t2i.alignment import alignment_loss, mirror_ids, to_float, train_dual_encoder
 from t2i.data import ShardCache, eval_caption_rows, load_manifest, load_vocabulary, read_split_arrays
 from t2i.evaluate import shapes_accuracy
 from t2i.families import GANFamily, extend_schedule, make_family, mismatched_captions
@@ -264,7 +264,7 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     manifest = load_manifest(shapes_dir)
     data = read_split_arrays(shapes_dir, manifest, "train")
     encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors,
-                                 epochs=4, batch=32, width=8, log=lambda line: None)
+                                 mirror_ids(vocab.words), epochs=4, batch=32, width=8, log=lambda line: None)
     cfg = config_lib.load(REPO / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
     with pytest.raises(ValueError, match="alignment-loss encoder"):
         make_family(cfg, vocab.vectors)
@@ -387,3 +387,33 @@ def test_r_precision_on_hand_made_embeddings():
     right = r_precision(Fixed(basis, basis), images, ids, owner, n_candidates=5, bins=2)
     wrong = r_precision(Fixed(basis, -basis), images, ids, owner, n_candidates=5, bins=2)
     assert right["r_precision"] == 1.0 and wrong["r_precision"] == 0.0 and right["chance"] == pytest.approx(0.2)
+    # A judge that scores every caption alike ranks nothing first: ties are misses.
+    assert r_precision(Fixed(basis, torch.ones(n, n)), images, ids, owner, n_candidates=5, bins=2)["r_precision"] == 0.0
+    # Captions of another image with the true caption's exact text are never distractors:
+    # images 0-4 look alike and share one caption text, so each would tie with the other
+    # four (a miss) if they could be its distractors.
+    same_text = np.array([0, 0, 0, 0, 0, 5, 6, 7, 8, 9])
+    alike = Fixed(basis[same_text], basis)
+    assert r_precision(alike, images, same_text[:, None], owner, n_candidates=5, bins=2)["r_precision"] == 1.0
+    # Too few eligible captions for 99 distractors: chance comes from the pools drawn (1/10 here).
+    assert r_precision(Fixed(basis, basis), images, ids, owner)["chance"] == pytest.approx(0.1)
+
+
+def test_distractors_are_drawn_without_replacement_from_other_images_and_texts():
+    from t2i.alignment import distractor_pools
+
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(60), 5)                      # 5 captions per image
+    ids = rng.integers(1, 40, size=(300, 6))
+    ids[1] = ids[7]                                          # caption 1 (image 0) reads as caption 7 (image 1)
+    for i, pool in enumerate(distractor_pools(ids, owner, 100, rng)):
+        assert len(pool) == 99 and len(set(pool.tolist())) == 99
+        assert (owner[pool] != owner[i]).all()
+        assert not any((ids[j] == ids[i]).all() for j in pool)
+
+
+def test_flip_augmentation_mirrors_left_and_right_in_the_caption():
+    words = ["<pad>", "a", "circle", "left", "top", "right"]
+    mapping = mirror_ids(words)
+    assert [words[j] for j in mapping] == ["<pad>", "a", "circle", "right", "top", "left"]
+    assert mirror_ids(["<pad>", "left", "dog"]) is None      # no "right" to swap with: never flip

@@ -57,6 +57,16 @@ class TextToImage(nn.Module):
         images = self.decode(z, c)
         return images.view(word_ids.shape[0], n, *images.shape[1:])
 
+    @torch.no_grad()
+    def sample_from_noise(self, word_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """(N, L) ids, one row per image, and (N, latent_dim) standard-normal noise -> (N, 3, 64, 64).
+        With the noise ``sample`` would draw (n rows from one seeded generator per caption)
+        it gives the same images, so a server can batch many callers' captions, each with
+        its own seed, in one pass (eval-mode layers treat every row independently)."""
+        c = self.encode_text(word_ids)
+        mu, logvar = self.prior(c)
+        return self.decode(mu + torch.exp(0.5 * logvar) * noise.to(mu.dtype), c)
+
 
 class TextToImageVAE(TextToImage):
     """A generator trained as a VAE: ``forward(image, word_ids) -> VAEOutput`` gives the
