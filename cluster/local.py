@@ -99,7 +99,7 @@ def job_status(dashboard: str, submission_id: str) -> str:
 
 
 # Ray's gRPC servers listen on every interface whatever --node-ip-address says (measured:
-# GCS and raylet on [::], the dashboard agent on 0.0.0.0 and the machine's address), so every
+# GCS and raylet on [::], the dashboard agent on every IPv4 address and the machine's own), so every
 # port a node opens is pinned and recorded in state.json: `status` lists them, and the test
 # asserts that nothing else listens beyond loopback (cluster/README.md, Security).
 WORKER_PORTS = (10002, 19999)  # core workers and drivers: Ray's default range, shared by the nodes

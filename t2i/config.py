@@ -95,7 +95,7 @@ class TrainConfig:
     seed: int = 0
     max_failures: int = 1          # worker-group restarts from the last checkpoint
     keep_best: int = 2             # checkpoints kept by dev loss (the latest is always kept)
-    data_cpu_limit: float = 1.0    # Ray Data CPU budget; 0 = let Ray Data decide
+    data_cpu_limit: float = 1.0    # Ray Data CPU cap on clusters of <= 4 CPUs (larger ones: none); 0 = never
     torch_threads: int = 0         # intra-op threads per worker; 0 = the whole CPUs Ray assigned it, or with
                                    # a fraction of one, the node's usable CPUs (affinity, cgroup) / its workers
     fail_once_at_epoch: int = -1   # fault drill: raise once in this epoch (tests)

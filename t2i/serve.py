@@ -68,6 +68,7 @@ class ServeConfig:
             except (TypeError, ValueError):
                 raise ConfigError(f"serve setting {name}={value!r} is not a {kind.__name__}") from None
         config = cls(**values)
+        config.use_gpu = config.use_gpu.lower()  # YAML's `use_gpu: true` arrives as a bool
         if not 1 <= config.port <= 65535:
             raise ConfigError(f"port must be 1-65535, got {config.port}")
         if config.replicas < 1 or config.max_batch_size < 1 or config.num_cpus <= 0:

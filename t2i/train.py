@@ -132,7 +132,9 @@ def train_func(loop_config: dict) -> None:
     torch.set_num_threads(cfg.train.torch_threads or worker_threads(assigned, usable_cpus(),
                                                                     context.get_local_world_size()))
     device = ray.train.torch.get_device()
-    use_amp = cfg.train.amp and device.type == "cuda"
+    # bf16 needs no loss scaling, but only Ampere and later compute it natively; older GPUs
+    # (and CPUs) train in fp32.
+    use_amp = cfg.train.amp and device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
 
     vocab = load_vocabulary(loop_config["data_root"])
@@ -407,6 +409,17 @@ def cluster_has_gpus(needed: int) -> bool:
     return decide_gpu(ray.cluster_resources().get("GPU", 0), (limits or {}).get("GPU"), needed)
 
 
+# Up to this many CPUs in the whole cluster, Ray Data's read tasks and the training workers
+# starve each other without a cap (the default run hung on 2 cores); above it the cap would
+# only slow the feed, so Ray Data decides.
+SMALL_CLUSTER_CPUS = 4
+
+
+def data_cpu_budget(limit: float, cluster_cpus: float) -> float:
+    """``train.data_cpu_limit`` where the cluster is small enough to need it, else 0 (no cap)."""
+    return limit if 0 < cluster_cpus <= SMALL_CLUSTER_CPUS else 0.0
+
+
 def decide_gpu(visible: float, could_scale_to: float | None, workers: int) -> bool:
     """``train.use_gpu = "auto"``: one GPU per worker from the GPUs up now, or, on an
     autoscaling cluster whose GPU nodes are still down (the shipped AWS and KubeRay configs
@@ -457,7 +470,8 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.train.placement_strategy),
-        datasets=build_datasets(data_root, manifest, cfg.data.eval_splits, cfg.train.data_cpu_limit,
+        datasets=build_datasets(data_root, manifest, cfg.data.eval_splits,
+                                data_cpu_budget(cfg.train.data_cpu_limit, ray.cluster_resources().get("CPU", 0)),
                                 cached=loop_config["data_info"]["mode"] == "cache",
                                 eval_captions=cfg.data.eval_captions),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),

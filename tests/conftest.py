@@ -44,3 +44,24 @@ def shapes_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "shapes"
     prepare_shapes(out, n=600, seed=0, shard_rows=200)
     return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(shapes_dir, tmp_path_factory) -> Path:
+    """An untrained tiny cvae (GRU captions) on the shapes vocabulary, saved as the 3rd epoch
+    of a shapes run: enough for generate, evaluate and serve to run end to end."""
+    import torch
+
+    from t2i import checkpoint as ckpt_lib
+    from t2i import config as config_lib
+    from t2i.data import load_vocabulary
+    from t2i.models import build_model
+
+    cfg = config_lib.load(None, ["model.width=8", "model.hidden=64", "model.latent_dim=8", "model.family=cvae",
+                                 "model.text_encoder=gru"])
+    vocab = load_vocabulary(shapes_dir)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("ckpt")
+    return ckpt_lib.save(folder, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=2,
+                         metrics={"dev_loss": 1.0, "selection": 1.0, "selected_by": "dev_gen_mse"},
+                         data={"max_words": 32, "dataset": "shapes"})

@@ -12,21 +12,9 @@ from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
 from t2i import shapes
 from t2i.cli import main as cli_main
-from t2i.data import load_manifest, load_vocabulary, read_split_arrays
+from t2i.data import load_manifest, read_split_arrays
 from t2i.evaluate import copy_check, evaluate, knn_baseline, nearest_train_distance
 from t2i.metrics import mse, psnr, ssim
-from t2i.models import build_model
-
-
-@pytest.fixture(scope="module")
-def checkpoint(shapes_dir, tmp_path_factory):
-    cfg = config_lib.load(None, ["model.width=8", "model.hidden=64", "model.latent_dim=8", "model.family=cvae",
-                                 "model.text_encoder=gru"])
-    vocab = load_vocabulary(shapes_dir)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("ckpt")
-    return ckpt_lib.save(folder, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=3,
-                         metrics={"dev_loss": 1.0}, data={"max_words": 32})
 
 
 def test_generate_grid_and_caption_files(checkpoint, tmp_path, capsys):

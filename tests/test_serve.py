@@ -25,28 +25,13 @@ import yaml
 from PIL import Image
 
 from t2i import checkpoint as ckpt_lib
-from t2i import config as config_lib
 from t2i.cli import main as cli_main
-from t2i.data import load_vocabulary
 from t2i.generate import sample_prompts
 from t2i.grid import to_uint8
-from t2i.models import build_model
 from t2i.service import (MAX_BODY_BYTES, CaptionGenerator, GenerationRequest, RequestError, request_from_json,
                          request_from_query)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(shapes_dir, tmp_path_factory):
-    cfg = config_lib.load(None, ["model.width=8", "model.hidden=64", "model.latent_dim=8", "model.family=cvae",
-                                 "model.text_encoder=gru"])
-    vocab = load_vocabulary(shapes_dir)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("serve-ckpt")
-    return ckpt_lib.save(folder, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=2,
-                         metrics={"selection": 1.0, "selected_by": "dev_gen_mse"},
-                         data={"max_words": 32, "dataset": "shapes"})
 
 
 # ----------------------------------------------------------------------------- requests (pure)
@@ -112,11 +97,25 @@ def test_serve_settings_refuse_typos_and_bad_values():
     from t2i.serve import ServeConfig
 
     assert ServeConfig.from_args({"checkpoint": "runs/x", "port": "8001"}).port == 8001
+    assert ServeConfig.from_args({"checkpoint": "runs/x", "use_gpu": True}).use_gpu == "true"  # YAML's bool
     for args, says in (({"checkpoint": "x", "replica": 2}, "unknown serve setting"), ({}, "needs 'checkpoint'"),
                        ({"checkpoint": "x", "port": 70000}, "port must be"), ({"checkpoint": "x", "use_gpu": "yes"}, "use_gpu"),
                        ({"checkpoint": "x", "replicas": "many"}, "not a int")):
         with pytest.raises(ConfigError, match=says):
             ServeConfig.from_args(args)
+
+
+def test_a_replica_asks_for_a_gpu_when_the_cluster_has_or_can_start_one(monkeypatch):
+    import ray
+
+    import t2i.train
+    from t2i.serve import ServeConfig, replica_gpus
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    for can_start, expected in ((True, 1), (False, 0)):
+        monkeypatch.setattr(t2i.train, "cluster_has_gpus", lambda needed, answer=can_start: answer)
+        assert replica_gpus(ServeConfig("ckpt")) == expected
+    assert replica_gpus(ServeConfig("ckpt", use_gpu="false")) == 0 and replica_gpus(ServeConfig("ckpt", use_gpu="true")) == 1
 
 
 @pytest.mark.parametrize("make, says", [

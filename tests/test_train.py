@@ -322,3 +322,11 @@ def test_torch_threads_follow_the_cpus_ray_assigned():
     assert worker_threads(0.45, usable=2, local_workers=1) == 2  # this machine's default setting
     assert worker_threads(0.45, usable=2, local_workers=2) == 1
     assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
+
+
+def test_ray_data_is_capped_only_on_small_clusters():
+    from t2i.train import data_cpu_budget
+
+    assert data_cpu_budget(1.0, 2) == 1.0 and data_cpu_budget(1.0, 4) == 1.0  # this machine: the cap that avoids the hang
+    assert data_cpu_budget(1.0, 64) == 0.0                                   # a real cluster: Ray Data decides
+    assert data_cpu_budget(0.0, 2) == 0.0                                    # switched off
