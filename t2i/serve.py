@@ -128,7 +128,7 @@ class CaptionServer:
         return await asyncio.to_thread(self.generator.draw, requests)
 
     async def _draw(self, request: GenerationRequest):
-        self.generator.check(request)  # a caption of unknown words fails alone, not its batch
+        self.generator.read(request)  # a caption of unknown words fails alone, not its batch
         return await self.draw_batch(request)
 
     @api.get("/", response_class=HTMLResponse)

@@ -18,8 +18,8 @@ import torch
 
 from t2i import checkpoint as ckpt_lib
 from t2i.errors import T2IError
+from t2i.generate import max_words_of
 from t2i.grid import grid_image, png_bytes, to_uint8
-from t2i.text import tokenize
 
 MAX_CAPTION_CHARS = 200
 MAX_IMAGES = 16             # images per request
@@ -134,7 +134,7 @@ class CaptionGenerator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = loaded.model.to(self.device).eval()
         self.vocab = loaded.vocab
-        self.max_words = int(loaded.state["data"].get("max_words", 32))
+        self.max_words = max_words_of(loaded)
         data = loaded.state.get("data", {})
         self.facts = {
             "family": loaded.config.model.family,
@@ -148,39 +148,33 @@ class CaptionGenerator:
             "device": str(self.device),
         }
 
-    def words_of(self, caption: str) -> tuple[list[str], list[str]]:
-        """The known words the model reads (at most ``max_words``) and the unknown ones."""
-        words = [w for w in tokenize(caption) if w in self.vocab.index]
-        unknown = [w for w in tokenize(caption) if w not in self.vocab.index]
-        return words[: self.max_words], list(dict.fromkeys(unknown))
-
-    def check(self, request: GenerationRequest) -> None:
-        """Refuse (422) a caption of which the model knows no word, before it joins a batch."""
-        words, unknown = self.words_of(request.caption)
-        if not words:
+    def read(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
+        """The word ids the model reads (at most ``max_words``) and the words it does not
+        know; a caption with no known word is refused (422), before it joins a batch."""
+        known, unknown = self.vocab.ids(request.caption)
+        if not known:
             raise RequestError(f"no word of the caption is known to this model (unknown: {', '.join(unknown)})",
                                status=422)
+        return known[: self.max_words], list(dict.fromkeys(unknown))
 
     @torch.no_grad()
     def draw(self, requests: list[GenerationRequest]) -> list[Drawing]:
         """All requests in one forward pass. Each request's noise comes from its own seed, so
         a caption, n and seed give the same images alone or in any batch, and the same as
         ``python -m t2i generate --seed SEED --n N CAPTION``."""
-        for request in requests:
-            self.check(request)
-        rows, noise, parsed = [], [], []
-        for request in requests:
-            words, unknown = self.words_of(request.caption)
-            row = np.zeros(self.max_words, dtype=np.int64)
-            row[: len(words)] = [self.vocab.index[w] for w in words]
-            rows.append(torch.from_numpy(row).expand(request.n, -1))
+        parsed = [self.read(request) for request in requests]
+        rows, noise = [], []
+        for request, (ids, _) in zip(requests, parsed):
+            row = torch.zeros(self.max_words, dtype=torch.long)
+            row[: len(ids)] = torch.tensor(ids)
+            rows.append(row.expand(request.n, -1))
             generator = torch.Generator(device=self.device).manual_seed(request.seed)
             noise.append(torch.randn((request.n, self.model.latent_dim), generator=generator, device=self.device))
-            parsed.append((words, unknown))
         images = self.model.sample_from_noise(torch.cat(rows).to(self.device), torch.cat(noise))
         tiles = to_uint8(images)
         drawings, start = [], 0
-        for request, (words, unknown) in zip(requests, parsed):
+        for request, (ids, unknown) in zip(requests, parsed):
+            words = [self.vocab.words[i] for i in ids]
             drawings.append(Drawing(request, tiles[start: start + request.n], words, unknown))
             start += request.n
         return drawings

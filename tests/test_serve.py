@@ -88,7 +88,7 @@ def test_batched_drawing_matches_generate_and_is_independent_of_the_batch(checkp
     assert np.array_equal(together[0].images, to_uint8(expected))
     assert together[1].words == ["a", "small", "blue", "square"] and together[1].unknown == ["xyzzy"]
     with pytest.raises(RequestError) as caught:
-        generator.check(GenerationRequest("xyzzy qwerty", 1, 0))
+        generator.read(GenerationRequest("xyzzy qwerty", 1, 0))
     assert caught.value.status == 422 and "xyzzy, qwerty" in str(caught.value)
 
 
