@@ -1,13 +1,25 @@
 """Training benchmarks, all measured in one run on this machine; prints ratios.
 
-1. Ray overhead: steps/s of the Ray Train loop (1 worker, Ray Data feed) / steps/s of a
-   plain PyTorch loop over the same data held in memory (same model, batch, threads).
-2. Feed headroom: Ray Data batches/s alone / training steps/s.
-3. Memory: peak PSS of the whole job (driver + every Ray process) on 10x replicated shards
-   / on 1x (streaming means ~1).
-4. Compute efficiency: achieved training FLOP/s / this CPU's measured fp32 matmul FLOP/s.
+Same model, batch and threads everywhere (the default run's config unless --config), on
+the default run's data (shapes, 6,000 images). Rates are at steady state: the training
+phase of the epochs after the first (the first pulls the cache, starts the workers, and
+warms up oneDNN); each epoch's evaluation and checkpoint are not in them (the plain loop
+has neither) and are printed apart.
 
-    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 3000]
+1. Ray overhead: images/s of a 1-worker Ray Train run (Ray Data feed; the shard cached,
+   and streamed with data.cache_mb=0) / images/s of a plain PyTorch loop over the same
+   data in memory (t2i's pure training step, no Ray).
+2. Two workers vs one on this machine, the same total batch (half per worker), cached.
+3. Feed headroom (streaming): batches/s of the streamed feed alone (Ray Data read + caption
+   draw, consumed by nothing) / training steps/s in streaming mode.
+4. Memory (streaming): peak PSS of the whole job (driver + every Ray process) on 10x
+   hard-linked copies of the train shards / on 1x.
+5. Compute efficiency: training FLOP/s (FLOPs of one step counted by torch's
+   FlopCounterMode x steady steps/s of the cached Ray run) / this CPU's fp32 matmul
+   FLOP/s measured with the same threads. benchmarks/bench_compute.py tries what could
+   raise it.
+
+    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 6000] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -25,82 +37,103 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from t2i import config as config_lib, storage  # noqa: E402
-from t2i.data import load_manifest, load_vocabulary, read_split_arrays  # noqa: E402
+from t2i.data import (EpochFeed, FeedPlan, ShardCache, build_datasets, load_manifest, load_vocabulary,  # noqa: E402
+                      shard_paths, to_model_inputs)
 from t2i.families import make_family  # noqa: E402
 from t2i.prepare import prepare_shapes, write_manifest  # noqa: E402
+from t2i.train import usable_cpus  # noqa: E402
 
 
-def plain_steps_per_s(cfg, root, manifest, steps: int = 40) -> tuple[float, float]:
-    """(steps/s, FLOPs per step) of a plain loop over in-memory tensors."""
-    torch.set_num_threads(os.cpu_count())
-    data = read_split_arrays(root, manifest, "train")
-    images = torch.as_tensor(data["images"]).permute(0, 3, 1, 2).float().div(255)
-    first = np.unique(data["caption_image"], return_index=True)[1]
-    ids = torch.as_tensor(data["word_ids"][first]).long()
-    vocab = load_vocabulary(root)
-    torch.manual_seed(0)
-    family = make_family(cfg, vocab.vectors)
-    family.wrap(lambda net: net)  # no DDP in a plain loop
-    b = cfg.data.batch_size
-    batches = [(images[i: i + b], ids[i: i + b]) for i in range(0, len(images) - b + 1, b)]
+def plain_loop(cfg, root, epochs: int, threads: int, prepare_net=None, channels_last: bool = True) -> dict:
+    """A plain PyTorch loop over the train split in memory (the worker's ShardCache without
+    Ray: seeded shuffle, one caption per image), channels-last like the worker unless told
+    otherwise. Returns steady images/s (epochs after the first) and FLOPs per step."""
+    torch.set_num_threads(threads)
+    manifest = load_manifest(root, verify_checksums=False)
+    tables = [pq.read_table(p, columns=["image", "word_ids", "image_id"]) for p in shard_paths(root, manifest, "train")]
+    cache = ShardCache.from_train_tables(tables, manifest["image_size"], "cpu")
+    torch.manual_seed(cfg.train.seed)
+    family = make_family(cfg, load_vocabulary(root).vectors)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    for net in family.networks().values():
+        net.to(memory_format=layout)
+    family.wrap(prepare_net or (lambda net: net))  # no DDP in a plain loop
+
+    def inputs(batch_dict):
+        images, word_ids = to_model_inputs(batch_dict, "cpu")
+        return images.contiguous(memory_format=layout), word_ids
+    batch = cfg.data.batch_size
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
 
     with FlopCounterMode(display=False) as counter:
-        family.train_step(*batches[0], epoch_progress=1.0)
-    flops = counter.get_total_flops()
-    for x, y in batches[:3]:  # warm-up
-        family.train_step(x, y, epoch_progress=1.0)
-    start = time.perf_counter()
-    for i in range(steps):
-        family.train_step(*batches[i % len(batches)], epoch_progress=1.0)
-    return steps / (time.perf_counter() - start), flops
+        family.train_step(*inputs(next(cache.epoch_batches(batch, 0, 0, 0))), epoch_progress=1.0)
+    rates = []
+    for epoch in range(epochs):
+        started, seen = time.perf_counter(), 0
+        for b in cache.epoch_batches(batch, cfg.train.seed, epoch, 0):
+            images, word_ids = inputs(b)
+            family.train_step(images, word_ids, epoch + 0.5)
+            seen += images.shape[0]
+        rates.append(seen / (time.perf_counter() - started))
+    return {"images_per_s": sum(rates[1:]) / len(rates[1:]), "epoch_rates": rates,
+            "flop_per_step": counter.get_total_flops()}
 
 
-def matmul_flops(n: int = 1024, reps: int = 20) -> float:
-    torch.set_num_threads(os.cpu_count())
+def matmul_flops(threads: int, n: int = 1024, reps: int = 30) -> float:
+    torch.set_num_threads(threads)
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
+    for _ in range(3):
+        a @ b
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
-def ray_steps_per_s(cfg, root: Path, storage: Path) -> float:
-    """Steps/s of the second epoch of a 1-worker Ray Train run (the first warms up)."""
+def ray_run(config_path: str, root: Path, runs: Path, name: str, *overrides: str) -> dict:
+    """A Ray Train run of the config (overrides applied); steady images/s from its metrics."""
     import ray  # noqa: PLC0415
 
     from t2i.train import fit  # noqa: PLC0415
 
-    run = config_lib.from_dict(cfg.to_dict())
-    run.data.path, run.train.storage_path, run.train.name = str(root), str(storage), "bench"
-    run.train.epochs, run.train.num_workers = 2, 1
+    run = config_lib.load(config_path, [f"data.path={root}", f"train.storage_path={runs}", f"train.name={name}",
+                                        *overrides])
     summary = fit(run)
     ray.shutdown()
-    return summary["metrics"]["samples_per_s"] / cfg.data.batch_size
+    if summary["error"]:
+        raise RuntimeError(f"{name}: {summary['error']}")
+    rows = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()]
+    return {"images_per_s": sum(r["samples_per_s"] for r in rows[1:]) / len(rows[1:]),
+            "epoch_rates": [r["samples_per_s"] for r in rows], "epoch_s": [r["epoch_s"] for r in rows],
+            "data_mode": summary["data_mode"]}
 
 
-def feed_batches_per_s(cfg, root, manifest) -> float:
+def feed_batches_per_s(cfg, root: Path, epochs: int = 3) -> float:
+    """The streamed feed alone, as a worker consumes it (steady: epochs after the first)."""
     import ray  # noqa: PLC0415
 
-    from t2i.data import build_datasets  # noqa: PLC0415
+    from t2i.train import data_cpu_budget, start_ray  # noqa: PLC0415
 
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    ds = build_datasets(root, manifest, [], cfg.train.data_cpu_limit)["train"]
-    for _ in ds.iter_torch_batches(batch_size=cfg.data.batch_size):  # warm-up pass
-        pass
-    start, n = time.perf_counter(), 0
-    for _ in range(2):
-        for _ in ds.iter_torch_batches(batch_size=cfg.data.batch_size,
-                                       local_shuffle_buffer_size=4 * cfg.data.batch_size):
+    start_ray()
+    manifest = load_manifest(root, verify_checksums=False)
+    ds = build_datasets(root, manifest, [], data_cpu_budget(cfg.train.data_cpu_limit, ray.cluster_resources()["CPU"]),
+                        seed=cfg.train.seed)["train"]
+    plan = FeedPlan(cached=False, image_size=manifest["image_size"], batch_size=cfg.data.batch_size,
+                    eval_batch_size=256, seed=cfg.train.seed)
+    feed = EpochFeed({"train": ds.iterator()}, plan, "cpu")
+    rates = []
+    for epoch in range(epochs):
+        started, n = time.perf_counter(), 0
+        for batch in feed.train_batches(epoch):
+            to_model_inputs(batch, "cpu")
             n += 1
-    rate = n / (time.perf_counter() - start)
+        rates.append(n / (time.perf_counter() - started))
     ray.shutdown()
-    return rate
+    return sum(rates[1:]) / len(rates[1:])
 
 
 def replicate(root: Path, out: Path, times: int) -> Path:
@@ -149,10 +182,11 @@ def _tree_pss_bytes(root_pid: int) -> int:
     return total
 
 
-def peak_job_pss_mb(data: Path, storage: Path, overrides: list[str]) -> float:
+def peak_job_pss_mb(data: Path, storage_dir: Path, overrides: list[str]) -> float:
     """Run one epoch of train_job.py and sample the PSS of its whole process tree."""
     cmd = [sys.executable, str(REPO / "train_job.py"), "--data", str(data),
-           "--set", f"train.storage_path={storage}", "--set", "train.epochs=1", *sum((["--set", o] for o in overrides), [])]
+           "--set", f"train.storage_path={storage_dir}", "--set", "train.epochs=1",
+           *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0.0
     while proc.poll() is None:
@@ -166,35 +200,62 @@ def peak_job_pss_mb(data: Path, storage: Path, overrides: list[str]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "shapes.toml"))
-    parser.add_argument("--n", type=int, default=3000, help="shapes images for the speed runs")
+    parser.add_argument("--n", type=int, default=6000, help="shapes images (the default run's 6,000)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
+    parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     cfg = config_lib.load(args.config)
+    batch = cfg.data.batch_size
+    threads = usable_cpus()  # what a lone Ray worker gets here (t2i.train.worker_threads)
+    epochs = f"train.epochs={args.epochs}"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = tmp / "shapes"
-        prepare_shapes(root, n=args.n, seed=0, shard_rows=500)
-        manifest = load_manifest(root)
-        plain, flops_per_step = plain_steps_per_s(cfg, root, manifest)
-        peak = matmul_flops()
-        ray_rate = ray_steps_per_s(cfg, root, tmp / "runs")
-        feed = feed_batches_per_s(cfg, root, manifest)
-        tiny = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.samples_per_prompt=1"]
+        prepare_shapes(root, n=args.n, seed=0)
+        plain = plain_loop(cfg, root, args.epochs, threads)
+        matmul = matmul_flops(threads)
+        cached = ray_run(args.config, root, tmp / "runs", "cached", epochs, "train.num_workers=1")
+        streamed = ray_run(args.config, root, tmp / "runs", "streamed", epochs, "train.num_workers=1", "data.cache_mb=0")
+        two = ray_run(args.config, root, tmp / "runs", "two", epochs, "train.num_workers=2", f"data.batch_size={batch // 2}")
+        feed = feed_batches_per_s(cfg, root, args.epochs)
+        tiny = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.samples_per_prompt=1", "data.cache_mb=0"]
         pss1 = peak_job_pss_mb(root, tmp / "m1", tiny)
         pss10 = peak_job_pss_mb(replicate(root, tmp / "shapes10", 10), tmp / "m10", tiny)
+    assert cached["data_mode"] == "cache" and streamed["data_mode"] == "stream" and two["data_mode"] == "cache"
+    steps = {k: r["images_per_s"] / batch for k, r in (("cached", cached), ("streamed", streamed))}
+    achieved = plain["flop_per_step"] * steps["cached"]
     result = {
-        "plain_steps_per_s": plain, "ray_steps_per_s": ray_rate, "ray_overhead_ratio": ray_rate / plain,
-        "feed_batches_per_s": feed, "feed_headroom_ratio": feed / ray_rate,
+        "plain_images_per_s": plain["images_per_s"], "cached_images_per_s": cached["images_per_s"],
+        "streamed_images_per_s": streamed["images_per_s"], "two_workers_images_per_s": two["images_per_s"],
+        "overhead_ratio_cached": cached["images_per_s"] / plain["images_per_s"],
+        "overhead_ratio_streamed": streamed["images_per_s"] / plain["images_per_s"],
+        "two_vs_one_workers": two["images_per_s"] / cached["images_per_s"],
+        "feed_batches_per_s": feed, "feed_headroom_streamed": feed / steps["streamed"],
         "job_peak_pss_mb_1x": pss1, "job_peak_pss_mb_10x": pss10, "memory_ratio_10x": pss10 / pss1,
-        "train_flop_per_step": flops_per_step, "achieved_flop_per_s": flops_per_step * ray_rate,
-        "matmul_flop_per_s": peak, "compute_efficiency": flops_per_step * ray_rate / peak,
-        "batch_size": cfg.data.batch_size, "config": args.config, "cpus": os.cpu_count(),
+        "flop_per_step": plain["flop_per_step"], "achieved_flop_per_s": achieved, "matmul_flop_per_s": matmul,
+        "compute_efficiency": achieved / matmul,
+        "epoch_rates": {"plain": plain["epoch_rates"], "cached": cached["epoch_rates"],
+                        "streamed": streamed["epoch_rates"], "two": two["epoch_rates"]},
+        "epoch_s": {"cached": cached["epoch_s"], "streamed": streamed["epoch_s"], "two": two["epoch_s"]},
+        "batch_size": batch, "threads": threads, "n": args.n, "epochs": args.epochs, "config": args.config,
     }
-    print(f"Ray overhead:  {ray_rate:.2f} / {plain:.2f} steps/s = {ray_rate / plain:.3f} (goal >= 0.90)")
-    print(f"Feed headroom: {feed:.1f} batches/s / {ray_rate:.2f} steps/s = {feed / ray_rate:.1f} (goal >= 5)")
-    print(f"Memory:        peak PSS {pss10:.0f} MB (10x shards) / {pss1:.0f} MB (1x) = {pss10 / pss1:.3f} (goal <= 1.1)")
-    print(f"Compute:       {flops_per_step * ray_rate / 1e9:.1f} GFLOP/s / matmul {peak / 1e9:.1f} GFLOP/s "
-          f"= {flops_per_step * ray_rate / peak:.3f} (goal >= 0.4)")
+    print(f"steady state = the training phase of epochs 2..{args.epochs} (images/s); batch {batch}, {threads} threads")
+    print(f"Ray overhead, cached:   {cached['images_per_s']:.0f} / plain {plain['images_per_s']:.0f} images/s "
+          f"= {result['overhead_ratio_cached']:.3f} (goal >= 0.95)")
+    print(f"Ray overhead, streamed: {streamed['images_per_s']:.0f} / plain {plain['images_per_s']:.0f} images/s "
+          f"= {result['overhead_ratio_streamed']:.3f}")
+    print(f"Two workers vs one:     {two['images_per_s']:.0f} / {cached['images_per_s']:.0f} images/s "
+          f"= {result['two_vs_one_workers']:.3f} (batch {batch // 2} per worker)")
+    print(f"Feed headroom, stream:  {feed:.1f} batches/s / {steps['streamed']:.2f} steps/s "
+          f"= {result['feed_headroom_streamed']:.1f} (goal >= 5)")
+    print(f"Memory, stream:         peak PSS {pss10:.0f} MB (10x shards) / {pss1:.0f} MB (1x) "
+          f"= {result['memory_ratio_10x']:.3f} (goal <= 1.1)")
+    print(f"Compute:                {achieved / 1e9:.1f} GFLOP/s / matmul {matmul / 1e9:.1f} GFLOP/s "
+          f"= {result['compute_efficiency']:.3f} (goal >= 0.4)")
+    print(f"Whole epochs (train + dev + checkpoint), s: cached {cached['epoch_s']}, streamed {streamed['epoch_s']}")
     print(json.dumps(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

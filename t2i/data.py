@@ -1,14 +1,16 @@
 """Prepared Parquet -> Ray Datasets -> batches of (image uint8, word ids).
 
-Datasets are built on the driver and streamed to the workers: no split is ever loaded
-into memory whole. Training rows pick one of the image's captions at random each time
-the dataset is iterated (every epoch), so all captions get used; evaluation rows expand
-to every (image, caption) pair, like the seed's test set.
+Datasets are built on the driver and streamed to the workers; a worker keeps its share in
+memory only when it fits ``data.cache_mb`` (:class:`EpochFeed`). Training shows each image
+once per epoch with one of its captions, drawn per (seed, epoch, image), so all captions
+get used; evaluation rows expand to every (image, caption) pair, like the seed's test set.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,9 @@ from t2i.flickr8k import DatasetError
 from t2i.prepare import FORMAT, prepare_shapes
 from t2i.text import Vocabulary
 
-TRAIN_COLUMNS = ["image", "word_ids"]
+TRAIN_COLUMNS = ["image", "word_ids", "image_id"]  # the id fixes caption draws and cache order
+EVAL_COLUMNS = ["image", "word_ids"]
+STREAM_BLOCK_BYTES = 16 * 2 ** 20  # Ray Data's block size for t2i's reads (see build_datasets)
 
 
 def default_shapes_dir(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
@@ -108,12 +112,39 @@ def _caption_rows(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.nd
     return offsets, values
 
 
-def pick_caption(batch: pa.Table, image_size: int) -> dict[str, np.ndarray]:
-    """One random caption per image; fresh randomness each call, so each epoch differs."""
-    offsets, rows = _caption_rows(batch.column("word_ids"))
+def image_keys(image_ids) -> np.ndarray:
+    """A stable 64-bit key per image id (CRC-32 of the id, the same in every process and
+    run; Python's ``hash`` of a string is salted per process)."""
+    return np.fromiter((zlib.crc32(str(i).encode()) for i in image_ids), np.uint64, count=len(image_ids))
+
+
+def caption_draws(keys: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Uniform [0, 1) numbers, one per image key, fixed by (seed, epoch, image): which of its
+    captions an image shows this epoch. Tied to the image rather than to its place in a
+    stream, so streaming and cached feeds, any number of workers and a resumed run all pick
+    the same captions. (SplitMix64's finaliser, Steele et al. 2014, as a counter-based RNG.)"""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64) ^ np.uint64(epoch_seed(seed, epoch, 0) % 2 ** 64)
+        z = (z + np.uint64(0x9E3779B97F4A7C15))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+
+
+def pick_rows(offsets: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """Caption row per image from its ``offsets`` range and its draw in [0, 1)."""
     counts = np.diff(offsets)
-    pick = offsets[:-1] + (np.random.default_rng().random(len(counts)) * counts).astype(np.int64)
-    return {"image": decode_images(batch.column("image"), image_size), "word_ids": rows[pick]}
+    return offsets[:-1] + np.minimum((draws * counts).astype(np.int64), counts - 1)
+
+
+def train_batch(table: pa.Table, image_size: int, seed: int, epoch: int) -> dict[str, torch.Tensor]:
+    """A streamed batch of train rows (image, every caption, image id) -> tensors of the
+    images and the caption each image shows this epoch (:func:`caption_draws`)."""
+    offsets, rows = _caption_rows(table.column("word_ids"))
+    pick = pick_rows(offsets, caption_draws(image_keys(table.column("image_id").to_pylist()), seed, epoch))
+    images = decode_images(table.column("image"), image_size)
+    return {"image": torch.from_numpy(images.copy()), "word_ids": torch.from_numpy(rows[pick - offsets[0]])}
 
 
 def eval_caption_rows(offsets: np.ndarray, per_image: int) -> np.ndarray:
@@ -156,28 +187,30 @@ def worker_shard_bytes(manifest: dict, eval_splits: list[str], workers: int, eva
 
 
 def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], data_cpu_limit: float = 0.0,
-                   cached: bool = False, eval_captions: int = 0):
+                   eval_captions: int = 0, seed: int = 0):
     """Ray Datasets for training ("train") and each evaluation split, built on the driver.
 
-    ``cached``: the train rows keep all their captions (the worker caches its shard once and
-    draws a caption per image each epoch, see :class:`ShardCache`); otherwise each pass
-    picks one caption per image as it streams."""
+    Train rows keep all their captions and their image id: the worker draws each image's
+    caption for the epoch (:func:`train_batch`, :class:`ShardCache`). The files come in
+    an order seeded by ``seed`` and different every epoch (each execution reseeds)."""
     import ray.data  # noqa: PLC0415 - Ray stays out of the non-Ray code paths
 
     ctx = ray.data.DataContext.get_current()
     if data_cpu_limit > 0:
         # Without a cap Ray Data's tasks and the train workers fight for 2 cores and can stall.
         ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=data_cpu_limit)
-    size = manifest["image_size"]
-    columns = TRAIN_COLUMNS + ["image_id"] if cached else TRAIN_COLUMNS  # the cache sorts by image id
-    train = ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle="files").select_columns(columns)
-    if not cached:
-        train = train.map_batches(pick_caption, fn_kwargs={"image_size": size}, batch_format="pyarrow")
-    datasets = {"train": train}
+    # Ray Data coalesces what it reads into blocks of up to 128 MiB, so a streaming worker held
+    # ~130 MiB of Arrow memory whatever the data's size (more than a small split's whole). With
+    # 16 MiB blocks (1,300 images at 64x64) it held 20 MiB at 10x, 40x and 160x the shapes set.
+    ctx.target_max_block_size = STREAM_BLOCK_BYTES
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=True)
+    datasets = {"train": ray.data.read_parquet(shard_paths(root, manifest, "train"), shuffle=shuffle)
+                .select_columns(TRAIN_COLUMNS)}
     for split in eval_splits:
         datasets[split] = (ray.data.read_parquet(shard_paths(root, manifest, split))
-                           .select_columns(TRAIN_COLUMNS)
-                           .map_batches(all_captions, fn_kwargs={"image_size": size, "per_image": eval_captions},
+                           .select_columns(EVAL_COLUMNS)
+                           .map_batches(all_captions, fn_kwargs={"image_size": manifest["image_size"],
+                                                                 "per_image": eval_captions},
                                         batch_format="pyarrow"))
     return datasets
 
@@ -187,52 +220,54 @@ class ShardCache:
     GPU when training on one), so later epochs start no new Ray Data execution.
 
     Train shards keep every caption of every image (``offsets`` into ``captions``, as in
-    the Parquet list column); :meth:`epoch_batches` reshuffles the images and draws one
-    caption per image, both from a generator seeded per (seed, epoch, rank), and drops the
-    last partial batch (a batch of one breaks BatchNorm). Evaluation shards hold their
-    (image, caption) pairs as they came and are served in order, all of them.
+    the Parquet list column) and each image's key (:func:`image_keys`); :meth:`epoch_batches`
+    reshuffles the images with a generator seeded per (seed, epoch, rank), shows each image
+    with the caption :func:`caption_draws` picks for it, and drops the last partial batch
+    (a batch of one breaks BatchNorm). Evaluation shards hold their (image, caption) pairs
+    as they came and are served in order, all of them.
     """
 
-    def __init__(self, images: torch.Tensor, captions: torch.Tensor, offsets: torch.Tensor | None):
-        self.images, self.captions, self.offsets = images, captions, offsets
+    def __init__(self, images: torch.Tensor, captions: torch.Tensor, offsets: np.ndarray | None = None,
+                 keys: np.ndarray | None = None):
+        self.images, self.captions = images, captions
+        self.offsets, self.keys = offsets, keys  # train shards only; on the host (tiny)
 
     @classmethod
     def from_train_tables(cls, tables, image_size: int, device) -> "ShardCache":
         # Ray Data delivers the shard's files in a different order every run: sorted by image
         # id, the seeded epoch order below picks the same images in every run of one seed.
         tables = list(tables)
-        if tables and "image_id" in tables[0].column_names:
+        if tables:
             tables = [pa.concat_tables(tables).sort_by("image_id").combine_chunks()]
-        images, rows, offsets = [], [], [np.zeros(1, np.int64)]
+        images, rows, offsets, keys = [], [], [np.zeros(1, np.int64)], []
         for table in tables:
             starts, values = _caption_rows(table.column("word_ids"))
             images.append(decode_images(table.column("image"), image_size))
             rows.append(values[starts[0]: starts[-1]])
             offsets.append(starts[1:] - starts[0] + offsets[-1][-1])
-        return cls(_to_device(images, device), _to_device(rows, device),
-                   torch.as_tensor(np.concatenate(offsets)).to(device))
+            keys.append(image_keys(table.column("image_id").to_pylist()))
+        return cls(_to_device(images, device), _to_device(rows, device), np.concatenate(offsets),
+                   np.concatenate(keys) if keys else np.zeros(0, np.uint64))
 
     @classmethod
     def from_eval_batches(cls, batches, device) -> "ShardCache":
         batches = list(batches)
         return cls(_to_device([b["image"] for b in batches], device),
-                   _to_device([b["word_ids"] for b in batches], device), None)
+                   _to_device([b["word_ids"] for b in batches], device))
 
     def __len__(self) -> int:
         return len(self.images)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.images, self.captions, self.offsets) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.images, self.captions))
 
     def epoch_batches(self, batch_size: int, seed: int, epoch: int, rank: int):
         """Shuffled training batches ``{"image", "word_ids"}`` for one epoch."""
         generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
         n = len(self.images)
         order = torch.randperm(n, generator=generator).to(self.images.device)
-        counts = self.offsets[1:] - self.offsets[:-1]
-        draw = torch.rand(n, generator=generator).to(self.images.device)
-        pick = self.offsets[:-1] + (draw * counts).long().clamp(max=counts - 1)
+        pick = torch.as_tensor(pick_rows(self.offsets, caption_draws(self.keys, seed, epoch))).to(self.images.device)
         for start in range(0, n - batch_size + 1, batch_size):
             idx = order[start: start + batch_size]
             yield {"image": self.images[idx], "word_ids": self.captions[pick[idx]]}
@@ -247,6 +282,56 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """One stream per (run seed, epoch, worker rank): the same seed sees the same batches,
     and a resumed run continues the stream it would have seen."""
     return (seed * 1_000_003 + epoch) * 65_537 + rank
+
+
+@dataclass(frozen=True)
+class FeedPlan:
+    """How a worker reads its shards (decided on the driver, see ``t2i.train.data_mode``)."""
+    cached: bool          # pull the shards once into a ShardCache; else stream every epoch
+    image_size: int
+    batch_size: int       # training batch per worker
+    eval_batch_size: int
+    seed: int             # the run's seed: caption draws and batch order derive from it
+
+
+class EpochFeed:
+    """A worker's batches from its Ray Data shards (``DataIterator`` per split): streamed
+    every epoch, or pulled once into a :class:`ShardCache`. Either way an epoch shows each
+    image once with the same caption (:func:`caption_draws`); the cache also fixes the order
+    (seeded per seed, epoch and rank); a stream's order follows Ray Data's file order
+    (seeded) and a local shuffle buffer (seeded per seed, epoch and rank)."""
+
+    def __init__(self, shards: dict, plan: FeedPlan, device, rank: int = 0, log=print):
+        self.shards, self.plan, self.device, self.rank, self.log = shards, plan, device, rank, log
+        self.caches: dict[str, ShardCache] = {}
+
+    def _cache(self, split: str) -> ShardCache:
+        if split not in self.caches:
+            if split == "train":
+                tables = self.shards[split].iter_batches(batch_size=1024, batch_format="pyarrow")
+                self.caches[split] = ShardCache.from_train_tables(tables, self.plan.image_size, self.device)
+            else:
+                batches = self.shards[split].iter_batches(batch_size=1024, batch_format="numpy")
+                self.caches[split] = ShardCache.from_eval_batches(batches, self.device)
+            cache = self.caches[split]
+            self.log(f"[rank {self.rank}] cached {split}: {len(cache)} rows, {cache.nbytes / 2 ** 20:.0f} MiB "
+                     f"on {self.device}")
+        return self.caches[split]
+
+    def train_batches(self, epoch: int):
+        plan = self.plan
+        if plan.cached:
+            return self._cache("train").epoch_batches(plan.batch_size, plan.seed, epoch, self.rank)
+        return (train_batch(table, plan.image_size, plan.seed, epoch)
+                for table in self.shards["train"].iter_batches(
+                    batch_size=plan.batch_size, batch_format="pyarrow", drop_last=True,
+                    local_shuffle_buffer_size=4 * plan.batch_size,
+                    local_shuffle_seed=epoch_seed(plan.seed, epoch, self.rank)))
+
+    def eval_batches(self, split: str):
+        if self.plan.cached:
+            return self._cache(split).ordered_batches(self.plan.eval_batch_size)
+        return self.shards[split].iter_torch_batches(batch_size=self.plan.eval_batch_size)
 
 
 def _to_device(parts: list, device) -> torch.Tensor:

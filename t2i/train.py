@@ -37,8 +37,8 @@ from t2i import checkpoint as ckpt_lib
 from t2i import config as config_lib
 from t2i import console, encoders, monitor, storage
 from t2i.config import Config
-from t2i.data import (ShardCache, build_datasets, ensure_shapes, load_manifest, load_vocabulary, to_model_inputs,
-                      worker_shard_bytes)
+from t2i.data import (EpochFeed, FeedPlan, build_datasets, ensure_shapes, epoch_seed, load_manifest, load_vocabulary,
+                      to_model_inputs, worker_shard_bytes)
 from t2i.families import Family, make_family
 from t2i.generate import render_prompts
 from t2i.models import build_model, count_parameters
@@ -168,10 +168,15 @@ def train_func(loop_config: dict) -> None:
     workers = _record_placement(run_dir, rank, device, resume)
     check_run_dir_shared(run_dir, cfg, workers, rank)
 
-    feed = EpochFeed(cfg, loop_config, device, rank)
+    feed = EpochFeed({"train": ray.train.get_dataset_shard("train"),
+                      **{s: ray.train.get_dataset_shard(s) for s in cfg.data.eval_splits}},
+                     feed_plan(cfg, loop_config["data_info"]), device, rank)
     n_train = loop_config["train_images"]
     for epoch in range(start_epoch, cfg.train.epochs):
         _fault_drill(cfg.train.fail_once_at_epoch, epoch, rank, run_dir)
+        # Noise, dropout and the gan's draws restart from (seed, epoch, rank) each epoch, so
+        # a resumed run trains its next epoch exactly as the uninterrupted run did.
+        torch.manual_seed(epoch_seed(cfg.train.seed, epoch, rank))
         started = time.perf_counter()
         sums = term_sums(family.TRAIN_TERMS, device)
         seen = 0
@@ -197,44 +202,11 @@ def train_func(loop_config: dict) -> None:
         _report(metrics, rank, family, cfg, vocab, loop_config, run_dir, epoch)
 
 
-class EpochFeed:
-    """A worker's batches: its Ray Data shards streamed every epoch, or, when they fit
-    ``data.cache_mb`` (decided on the driver), pulled once into a :class:`ShardCache`."""
-
-    def __init__(self, cfg: Config, loop_config: dict, device, rank: int):
-        self.cfg, self.device, self.rank = cfg, device, rank
-        self.cached = loop_config["data_info"]["mode"] == "cache"
-        self.image_size = loop_config["data_info"]["image_size"]
-        self.train_shard = ray.train.get_dataset_shard("train")
-        self.eval_shards = {s: ray.train.get_dataset_shard(s) for s in cfg.data.eval_splits}
-        self.caches: dict[str, ShardCache] = {}
-
-    def _cache(self, split: str) -> ShardCache:
-        if split not in self.caches:
-            if split == "train":
-                tables = self.train_shard.iter_batches(batch_size=1024, batch_format="pyarrow")
-                self.caches[split] = ShardCache.from_train_tables(tables, self.image_size, self.device)
-            else:
-                batches = self.eval_shards[split].iter_batches(batch_size=1024, batch_format="numpy")
-                self.caches[split] = ShardCache.from_eval_batches(batches, self.device)
-            cache = self.caches[split]
-            print(f"[rank {self.rank}] cached {split}: {len(cache)} rows, {cache.nbytes / 2 ** 20:.0f} MiB "
-                  f"on {self.device}")
-        return self.caches[split]
-
-    def train_batches(self, epoch: int):
-        batch_size = self.cfg.data.batch_size
-        if self.cached:
-            return self._cache("train").epoch_batches(batch_size, self.cfg.train.seed, epoch, self.rank)
-        return self.train_shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                                   local_shuffle_buffer_size=4 * batch_size)
-
-    def eval_batches(self, split: str):
-        # No gradients and BatchNorm in eval mode: larger batches score the same numbers faster.
-        batch_size = max(self.cfg.data.batch_size, EVAL_BATCH)
-        if self.cached:
-            return self._cache(split).ordered_batches(batch_size)
-        return self.eval_shards[split].iter_torch_batches(batch_size=batch_size)
+def feed_plan(cfg: Config, data_info: dict) -> FeedPlan:
+    # No gradients and BatchNorm in eval mode: larger batches score the same numbers faster.
+    return FeedPlan(cached=data_info["mode"] == "cache", image_size=data_info["image_size"],
+                    batch_size=cfg.data.batch_size, eval_batch_size=max(cfg.data.batch_size, EVAL_BATCH),
+                    seed=cfg.train.seed)
 
 
 def data_mode(cfg: Config, manifest: dict) -> str:
@@ -472,8 +444,7 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
                                      placement_strategy=cfg.train.placement_strategy),
         datasets=build_datasets(data_root, manifest, cfg.data.eval_splits,
                                 data_cpu_budget(cfg.train.data_cpu_limit, ray.cluster_resources().get("CPU", 0)),
-                                cached=loop_config["data_info"]["mode"] == "cache",
-                                eval_captions=cfg.data.eval_captions),
+                                eval_captions=cfg.data.eval_captions, seed=cfg.train.seed),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),
         run_config=RunConfig(
             name=name, storage_path=storage_root, callbacks=list(callbacks),
