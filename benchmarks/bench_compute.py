@@ -7,7 +7,7 @@ on the eager model (a compiled step does the same arithmetic). All in one run:
 
     python benchmarks/bench_compute.py [--config configs/shapes.toml] [--n 3000] [--epochs 3]
 
-Variants: the default (channels-last tensors and weights, Adam with foreach), NCHW
+Variants: t2i's default (channels-last tensors and weights, Adam with foreach), NCHW
 (PyTorch's default layout), fused Adam,
 torch.compile (inductor; needs a C++ compiler), larger batches (64, 128: a different
 training recipe, so only kept if the loss allows), and one thread instead of all.
@@ -35,19 +35,18 @@ def run_variant(config: str, root: Path, epochs: int, threads: int, batch: int |
                 compile_nets: bool = False, fused: bool = False, channels_last: bool = True) -> dict:
     cfg = config_lib.load(config, [f"data.batch_size={batch}"] if batch else [])
     prepare = (lambda net: torch.compile(net)) if compile_nets else None
-    if fused:  # Adam(fused=True): one kernel per step for all parameters (CPU support since torch 2.4)
-        original = torch.optim.Adam
+    original = torch.optim.Adam
 
-        class FusedAdam(original):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **{**kwargs, "fused": True, "foreach": None})
+    class FusedAdam(original):  # one kernel updates every parameter (CPU support since torch 2.4)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "fused": True, "foreach": None})
 
+    if fused:
         torch.optim.Adam = FusedAdam
     try:
         result = plain_loop(cfg, root, epochs, threads, prepare, channels_last)
     finally:
-        if fused:
-            torch.optim.Adam = original
+        torch.optim.Adam = original
     result["flop_per_image"] = result["flop_per_step"] / cfg.data.batch_size
     result["batch_size"] = cfg.data.batch_size
     return result
@@ -59,32 +58,45 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="run every variant this many times, interleaved (this machine's speed drifts by "
+                             "tens of percent within minutes); the mean is reported, with min-max")
     args = parser.parse_args()
     threads = usable_cpus()
     variants = {
-        "default": {}, "NCHW": {"channels_last": False}, "fused Adam": {"fused": True}, "torch.compile": {"compile_nets": True},
+        "default": {}, "NCHW": {"channels_last": False}, "fused Adam": {"fused": True},
+        "torch.compile": {"compile_nets": True},
         "batch 64": {"batch": 64}, "batch 128": {"batch": 128},
     }
-    results = {}
+    runs: dict[str, list[dict]] = {}
+    chosen = [name for name in [*variants, "1 thread"] if not args.only or name in args.only]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "shapes"
         prepare_shapes(root, n=args.n, seed=0)
-        matmul = {threads: matmul_flops(threads), 1: matmul_flops(1)}
-        for name, kwargs in variants.items():
-            if not args.only or name in args.only:
-                results[name] = run_variant(args.config, root, args.epochs, threads, **kwargs)
-        if not args.only or "1 thread" in args.only:
-            results["1 thread"] = run_variant(args.config, root, args.epochs, 1)
-    eager_flops = {r["batch_size"]: r["flop_per_image"] for name, r in results.items() if name != "torch.compile"}
-    print(f"{'variant':<14} {'batch':>5} {'images/s':>9} {'GFLOP/s':>8} {'efficiency':>10}")
+        matmuls = {threads: [], 1: []}
+        for _ in range(args.rounds):
+            for t in matmuls:
+                matmuls[t].append(matmul_flops(t))
+            for name in chosen:
+                t = 1 if name == "1 thread" else threads
+                runs.setdefault(name, []).append(run_variant(args.config, root, args.epochs, t, **variants.get(name, {})))
+    matmul = {t: sum(v) / len(v) for t, v in matmuls.items()}
+    eager_flops = {r[0]["batch_size"]: r[0]["flop_per_image"] for name, r in runs.items() if name != "torch.compile"}
+    print(f"{'variant':<14} {'batch':>5} {'images/s':>9} {'(min-max)':>11} {'GFLOP/s':>8} {'efficiency':>10} "
+          f"{'first epoch s':>13}")
     summary = {}
-    for name, r in results.items():
+    for name, rs in runs.items():
         t = 1 if name == "1 thread" else threads
-        flops = eager_flops.get(r["batch_size"], r["flop_per_image"]) * r["images_per_s"]
-        summary[name] = {"images_per_s": r["images_per_s"], "efficiency": flops / matmul[t], "batch": r["batch_size"],
-                         "threads": t}
-        print(f"{name:<14} {r['batch_size']:>5} {r['images_per_s']:>9.0f} {flops / 1e9:>8.1f} {flops / matmul[t]:>10.3f}")
-    print(f"matmul fp32: {matmul[threads] / 1e9:.1f} GFLOP/s ({threads} threads), {matmul[1] / 1e9:.1f} (1 thread)")
+        rates = [r["images_per_s"] for r in rs]
+        rate = sum(rates) / len(rates)
+        flops = eager_flops.get(rs[0]["batch_size"], rs[0]["flop_per_image"]) * rate
+        first = sum(r["epoch_s"][0] for r in rs) / len(rs)
+        summary[name] = {"images_per_s": rate, "runs": rates, "efficiency": flops / matmul[t],
+                         "batch": rs[0]["batch_size"], "threads": t, "first_epoch_s": first}
+        print(f"{name:<14} {rs[0]['batch_size']:>5} {rate:>9.0f} {f'{min(rates):.0f}-{max(rates):.0f}':>11} "
+              f"{flops / 1e9:>8.1f} {flops / matmul[t]:>10.3f} {first:>13.1f}")
+    print(f"matmul fp32: {matmul[threads] / 1e9:.1f} GFLOP/s ({threads} threads; runs "
+          f"{', '.join(f'{m / 1e9:.0f}' for m in matmuls[threads])}), {matmul[1] / 1e9:.1f} (1 thread)")
     print(json.dumps(summary))
 
 

@@ -19,7 +19,7 @@ has neither) and are printed apart.
    FLOP/s measured with the same threads. benchmarks/bench_compute.py tries what could
    raise it.
 
-    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 6000] [--epochs 3]
+    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 6000] [--epochs 5]
 """
 
 from __future__ import annotations
@@ -71,15 +71,16 @@ def plain_loop(cfg, root, epochs: int, threads: int, prepare_net=None, channels_
 
     with FlopCounterMode(display=False) as counter:
         family.train_step(*inputs(next(cache.epoch_batches(batch, 0, 0, 0))), epoch_progress=1.0)
-    rates = []
+    rates, seconds = [], []
     for epoch in range(epochs):
         started, seen = time.perf_counter(), 0
         for b in cache.epoch_batches(batch, cfg.train.seed, epoch, 0):
             images, word_ids = inputs(b)
             family.train_step(images, word_ids, epoch + 0.5)
             seen += images.shape[0]
-        rates.append(seen / (time.perf_counter() - started))
-    return {"images_per_s": sum(rates[1:]) / len(rates[1:]), "epoch_rates": rates,
+        seconds.append(time.perf_counter() - started)
+        rates.append(seen / seconds[-1])
+    return {"images_per_s": sum(rates[1:]) / len(rates[1:]), "epoch_rates": rates, "epoch_s": seconds,
             "flop_per_step": counter.get_total_flops()}
 
 
@@ -197,62 +198,84 @@ def peak_job_pss_mb(data: Path, storage_dir: Path, overrides: list[str]) -> floa
     return peak
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "shapes.toml"))
-    parser.add_argument("--n", type=int, default=6000, help="shapes images (the default run's 6,000)")
-    parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
-    parser.add_argument("--out", help="also write the JSON here")
-    args = parser.parse_args()
-    cfg = config_lib.load(args.config)
+def speed(args, cfg, root: Path, tmp: Path) -> dict:
     batch = cfg.data.batch_size
     threads = usable_cpus()  # what a lone Ray worker gets here (t2i.train.worker_threads)
     epochs = f"train.epochs={args.epochs}"
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        root = tmp / "shapes"
-        prepare_shapes(root, n=args.n, seed=0)
-        plain = plain_loop(cfg, root, args.epochs, threads)
-        matmul = matmul_flops(threads)
-        cached = ray_run(args.config, root, tmp / "runs", "cached", epochs, "train.num_workers=1")
-        streamed = ray_run(args.config, root, tmp / "runs", "streamed", epochs, "train.num_workers=1", "data.cache_mb=0")
-        two = ray_run(args.config, root, tmp / "runs", "two", epochs, "train.num_workers=2", f"data.batch_size={batch // 2}")
-        feed = feed_batches_per_s(cfg, root, args.epochs)
-        tiny = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.samples_per_prompt=1", "data.cache_mb=0"]
-        pss1 = peak_job_pss_mb(root, tmp / "m1", tiny)
-        pss10 = peak_job_pss_mb(replicate(root, tmp / "shapes10", 10), tmp / "m10", tiny)
+    # This machine's speed drifts by tens of percent within minutes: the plain loop runs
+    # before and after the Ray runs and counts as their mean (both printed).
+    plain_before = plain_loop(cfg, root, args.epochs, threads)
+    matmul_before = matmul_flops(threads)
+    cached = ray_run(args.config, root, tmp / "runs", "cached", epochs, "train.num_workers=1")
+    streamed = ray_run(args.config, root, tmp / "runs", "streamed", epochs, "train.num_workers=1", "data.cache_mb=0")
+    two = ray_run(args.config, root, tmp / "runs", "two", epochs, "train.num_workers=2", f"data.batch_size={batch // 2}")
+    feed = feed_batches_per_s(cfg, root, args.epochs)
+    plain_after = plain_loop(cfg, root, args.epochs, threads)
+    matmul = (matmul_before + matmul_flops(threads)) / 2
+    plain_rate = (plain_before["images_per_s"] + plain_after["images_per_s"]) / 2
     assert cached["data_mode"] == "cache" and streamed["data_mode"] == "stream" and two["data_mode"] == "cache"
     steps = {k: r["images_per_s"] / batch for k, r in (("cached", cached), ("streamed", streamed))}
-    achieved = plain["flop_per_step"] * steps["cached"]
+    achieved = plain_before["flop_per_step"] * steps["cached"]
     result = {
-        "plain_images_per_s": plain["images_per_s"], "cached_images_per_s": cached["images_per_s"],
+        "plain_images_per_s": plain_rate, "cached_images_per_s": cached["images_per_s"],
         "streamed_images_per_s": streamed["images_per_s"], "two_workers_images_per_s": two["images_per_s"],
-        "overhead_ratio_cached": cached["images_per_s"] / plain["images_per_s"],
-        "overhead_ratio_streamed": streamed["images_per_s"] / plain["images_per_s"],
+        "overhead_ratio_cached": cached["images_per_s"] / plain_rate,
+        "overhead_ratio_streamed": streamed["images_per_s"] / plain_rate,
         "two_vs_one_workers": two["images_per_s"] / cached["images_per_s"],
         "feed_batches_per_s": feed, "feed_headroom_streamed": feed / steps["streamed"],
-        "job_peak_pss_mb_1x": pss1, "job_peak_pss_mb_10x": pss10, "memory_ratio_10x": pss10 / pss1,
-        "flop_per_step": plain["flop_per_step"], "achieved_flop_per_s": achieved, "matmul_flop_per_s": matmul,
+        "flop_per_step": plain_before["flop_per_step"], "achieved_flop_per_s": achieved, "matmul_flop_per_s": matmul,
         "compute_efficiency": achieved / matmul,
-        "epoch_rates": {"plain": plain["epoch_rates"], "cached": cached["epoch_rates"],
-                        "streamed": streamed["epoch_rates"], "two": two["epoch_rates"]},
+        "plain_before_after": [plain_before["images_per_s"], plain_after["images_per_s"]],
+        "epoch_rates": {"plain": plain_before["epoch_rates"] + plain_after["epoch_rates"],
+                        "cached": cached["epoch_rates"], "streamed": streamed["epoch_rates"], "two": two["epoch_rates"]},
         "epoch_s": {"cached": cached["epoch_s"], "streamed": streamed["epoch_s"], "two": two["epoch_s"]},
-        "batch_size": batch, "threads": threads, "n": args.n, "epochs": args.epochs, "config": args.config,
+        "batch_size": batch, "threads": threads,
     }
     print(f"steady state = the training phase of epochs 2..{args.epochs} (images/s); batch {batch}, {threads} threads")
-    print(f"Ray overhead, cached:   {cached['images_per_s']:.0f} / plain {plain['images_per_s']:.0f} images/s "
+    print(f"Plain loop before / after the Ray runs: {plain_before['images_per_s']:.0f} / "
+          f"{plain_after['images_per_s']:.0f} images/s")
+    print(f"Ray overhead, cached:   {cached['images_per_s']:.0f} / plain {plain_rate:.0f} images/s "
           f"= {result['overhead_ratio_cached']:.3f} (goal >= 0.95)")
-    print(f"Ray overhead, streamed: {streamed['images_per_s']:.0f} / plain {plain['images_per_s']:.0f} images/s "
+    print(f"Ray overhead, streamed: {streamed['images_per_s']:.0f} / plain {plain_rate:.0f} images/s "
           f"= {result['overhead_ratio_streamed']:.3f}")
     print(f"Two workers vs one:     {two['images_per_s']:.0f} / {cached['images_per_s']:.0f} images/s "
           f"= {result['two_vs_one_workers']:.3f} (batch {batch // 2} per worker)")
     print(f"Feed headroom, stream:  {feed:.1f} batches/s / {steps['streamed']:.2f} steps/s "
           f"= {result['feed_headroom_streamed']:.1f} (goal >= 5)")
-    print(f"Memory, stream:         peak PSS {pss10:.0f} MB (10x shards) / {pss1:.0f} MB (1x) "
-          f"= {result['memory_ratio_10x']:.3f} (goal <= 1.1)")
     print(f"Compute:                {achieved / 1e9:.1f} GFLOP/s / matmul {matmul / 1e9:.1f} GFLOP/s "
           f"= {result['compute_efficiency']:.3f} (goal >= 0.4)")
-    print(f"Whole epochs (train + dev + checkpoint), s: cached {cached['epoch_s']}, streamed {streamed['epoch_s']}")
+    print(f"Whole epochs (train + dev + checkpoint), s: cached {[round(s, 1) for s in cached['epoch_s']]}, "
+          f"streamed {[round(s, 1) for s in streamed['epoch_s']]}")
+    return result
+
+
+def memory(root: Path, tmp: Path) -> dict:
+    tiny = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.samples_per_prompt=1", "data.cache_mb=0"]
+    pss1 = peak_job_pss_mb(root, tmp / "m1", tiny)
+    pss10 = peak_job_pss_mb(replicate(root, tmp / "shapes10", 10), tmp / "m10", tiny)
+    print(f"Memory, stream:         peak PSS {pss10:.0f} MB (10x shards) / {pss1:.0f} MB (1x) "
+          f"= {pss10 / pss1:.3f} (goal <= 1.1)")
+    return {"job_peak_pss_mb_1x": pss1, "job_peak_pss_mb_10x": pss10, "memory_ratio_10x": pss10 / pss1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "configs" / "shapes.toml"))
+    parser.add_argument("--n", type=int, default=6000, help="shapes images (the default run's 6,000)")
+    parser.add_argument("--epochs", type=int, default=5, help="epochs per run; the first is warm-up")
+    parser.add_argument("--parts", nargs="+", choices=["speed", "memory"], default=["speed", "memory"])
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    cfg = config_lib.load(args.config)
+    result = {"n": args.n, "epochs": args.epochs, "config": args.config}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        root = tmp / "shapes"
+        prepare_shapes(root, n=args.n, seed=0)
+        if "speed" in args.parts:
+            result.update(speed(args, cfg, root, tmp))
+        if "memory" in args.parts:
+            result.update(memory(root, tmp))
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))

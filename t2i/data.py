@@ -26,6 +26,7 @@ from t2i.text import Vocabulary
 TRAIN_COLUMNS = ["image", "word_ids", "image_id"]  # the id fixes caption draws and cache order
 EVAL_COLUMNS = ["image", "word_ids"]
 STREAM_BLOCK_BYTES = 16 * 2 ** 20  # Ray Data's block size for t2i's reads (see build_datasets)
+SMALL_CLUSTER_STORE_BYTES = 256 * 2 ** 20  # Ray Data's object-store budget where its CPUs are capped
 
 
 def default_shapes_dir(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
@@ -198,7 +199,10 @@ def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], dat
     ctx = ray.data.DataContext.get_current()
     if data_cpu_limit > 0:
         # Without a cap Ray Data's tasks and the train workers fight for 2 cores and can stall.
-        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(cpu=data_cpu_limit)
+        # Its read-ahead is capped too: the object store's pages stay resident once touched,
+        # so a stream of 10x the data grew the whole job's memory with the data.
+        ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
+            cpu=data_cpu_limit, object_store_memory=SMALL_CLUSTER_STORE_BYTES)
     # Ray Data coalesces what it reads into blocks of up to 128 MiB, so a streaming worker held
     # ~130 MiB of Arrow memory whatever the data's size (more than a small split's whole). With
     # 16 MiB blocks (1,300 images at 64x64) it held 20 MiB at 10x, 40x and 160x the shapes set.

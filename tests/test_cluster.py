@@ -401,12 +401,12 @@ def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluste
     assert unexpected == [], f"listening beyond loopback on ports local.py did not pin: {unexpected}"
     dashboard_port = int(dashboard.rsplit(":", 1)[1])
     assert dashboard_port not in {s["port"] for s in exposed} and dashboard_port in {s["port"] for s in sockets}
-    # Until the node loss, the job's dashboard page shows no failed task (the state API): Ray
+    # Until the node loss, the job's dashboard page shows no failed task (the state API, as
+    # `ray list tasks --filter state=FAILED` asks it, with the cluster's token): Ray
     # Data's Parquet footer readers and t2i's epoch-line relay each used to leave dozens.
-    from ray.util.state import list_tasks
-
-    failed = list_tasks(address=dashboard, filters=[("state", "=", "FAILED")], raise_on_missing_output=False)
-    assert failed == [], [(t.name, t.error_type) for t in failed]
+    failed = api(dashboard, "/api/v0/tasks?filter_keys=state&filter_predicates=%3D&filter_values=FAILED&limit=100")
+    assert failed["data"]["result"]["result"] == [], [(t["name"], t.get("error_type"))
+                                                       for t in failed["data"]["result"]["result"]]
     killed = subprocess.run([*two_node_cluster["cli"], "kill-node", "1"], capture_output=True, text=True, timeout=60)
     assert killed.returncode == 0, killed.stderr
     while (status := job_status(dashboard, "t2i-spread")) in ("PENDING", "RUNNING"):

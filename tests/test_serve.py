@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -153,9 +154,18 @@ def test_serve_config_and_rayservice_pass_rays_schema_and_t2is_settings():
 
 # ----------------------------------------------------------------------------- the app under Serve
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free port below the kernel's ephemeral range (and above Ray's worker ports,
+    10002-19999): an ephemeral one was once taken by one of the server's own Ray processes
+    between this check and Serve's bind ("Failed to bind to address")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.Random().sample(range(20000, low if low > 21000 else 30000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port between 20000 and the ephemeral range")
 
 
 @pytest.fixture(scope="module")
