@@ -7,8 +7,8 @@ on the eager model (a compiled step does the same arithmetic). All in one run:
 
     python benchmarks/bench_compute.py [--config configs/shapes.toml] [--n 3000] [--epochs 3]
 
-Variants: t2i's default (channels-last tensors and weights, Adam with foreach), NCHW
-(PyTorch's default layout), fused Adam,
+Variants: t2i's default (channels-last tensors and weights, fused Adam), NCHW (PyTorch's
+default layout), Adam with foreach (PyTorch's default, t2i's before fused),
 torch.compile (inductor; needs a C++ compiler), larger batches (64, 128: a different
 training recipe, so only kept if the loss allows), and one thread instead of all.
 """
@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,22 +29,24 @@ import torch  # noqa: E402
 from bench_train import matmul_flops, plain_loop  # noqa: E402
 
 from t2i import config as config_lib  # noqa: E402
+from t2i.data import load_vocabulary  # noqa: E402
+from t2i.families import make_family  # noqa: E402
 from t2i.prepare import prepare_shapes  # noqa: E402
 from t2i.train import usable_cpus  # noqa: E402
 
 
 def run_variant(config: str, root: Path, epochs: int, threads: int, batch: int | None = None,
-                compile_nets: bool = False, fused: bool = False, channels_last: bool = True) -> dict:
+                compile_nets: bool = False, foreach: bool = False, channels_last: bool = True) -> dict:
     cfg = config_lib.load(config, [f"data.batch_size={batch}"] if batch else [])
     prepare = (lambda net: torch.compile(net)) if compile_nets else None
     original = torch.optim.Adam
 
-    class FusedAdam(original):  # one kernel updates every parameter (CPU support since torch 2.4)
+    class ForeachAdam(original):  # a pass per elementwise op over all parameters (t2i fuses them)
         def __init__(self, *args, **kwargs):
-            super().__init__(*args, **{**kwargs, "fused": True, "foreach": None})
+            super().__init__(*args, **{**kwargs, "fused": None, "foreach": True})
 
-    if fused:
-        torch.optim.Adam = FusedAdam
+    if foreach:
+        torch.optim.Adam = ForeachAdam
     try:
         result = plain_loop(cfg, root, epochs, threads, prepare, channels_last)
     finally:
@@ -50,6 +54,27 @@ def run_variant(config: str, root: Path, epochs: int, threads: int, batch: int |
     result["flop_per_image"] = result["flop_per_step"] / cfg.data.batch_size
     result["batch_size"] = cfg.data.batch_size
     return result
+
+
+def optimizer_step_ms(config: str, vectors, threads: int, rounds: int = 3, steps: int = 200) -> dict[str, float]:
+    """The parameter update alone (t2i's fused Adam vs foreach), ms per step, the default
+    model's parameters with fixed gradients, interleaved rounds; the median is returned."""
+    torch.set_num_threads(threads)
+    cfg = config_lib.load(config)
+    params = [p for p in make_family(cfg, vectors).generator.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    times: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, kernel in {"fused": {"fused": True}, "foreach": {"foreach": True}}.items():
+            optimizer = torch.optim.Adam(params, lr=1e-4, **kernel)
+            for _ in range(10):
+                optimizer.step()
+            started = time.perf_counter()
+            for _ in range(steps):
+                optimizer.step()
+            times.setdefault(name, []).append((time.perf_counter() - started) / steps * 1000)
+    return {name: statistics.median(ms) for name, ms in times.items()}
 
 
 def main() -> None:
@@ -64,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = usable_cpus()
     variants = {
-        "default": {}, "NCHW": {"channels_last": False}, "fused Adam": {"fused": True},
+        "default": {}, "NCHW": {"channels_last": False}, "foreach Adam": {"foreach": True},
         "torch.compile": {"compile_nets": True},
         "batch 64": {"batch": 64}, "batch 128": {"batch": 128},
     }
@@ -80,6 +105,7 @@ def main() -> None:
             for name in chosen:
                 t = 1 if name == "1 thread" else threads
                 runs.setdefault(name, []).append(run_variant(args.config, root, args.epochs, t, **variants.get(name, {})))
+        update_ms = optimizer_step_ms(args.config, load_vocabulary(root).vectors, threads)
     matmul = {t: sum(v) / len(v) for t, v in matmuls.items()}
     eager_flops = {r[0]["batch_size"]: r[0]["flop_per_image"] for name, r in runs.items() if name != "torch.compile"}
     print(f"{'variant':<14} {'batch':>5} {'images/s':>9} {'(min-max)':>11} {'GFLOP/s':>8} {'efficiency':>10} "
@@ -97,6 +123,9 @@ def main() -> None:
               f"{flops / 1e9:>8.1f} {flops / matmul[t]:>10.3f} {first:>13.1f}")
     print(f"matmul fp32: {matmul[threads] / 1e9:.1f} GFLOP/s ({threads} threads; runs "
           f"{', '.join(f'{m / 1e9:.0f}' for m in matmuls[threads])}), {matmul[1] / 1e9:.1f} (1 thread)")
+    print(f"Adam's update alone, ms per step: fused (t2i's) {update_ms['fused']:.2f}, "
+          f"foreach {update_ms['foreach']:.2f}")
+    summary["adam_update_ms"] = update_ms
     print(json.dumps(summary))
 
 

@@ -8,7 +8,9 @@ has neither) and are printed apart.
 
 1. Ray overhead: images/s of a 1-worker Ray Train run (Ray Data feed; the shard cached,
    and streamed with data.cache_mb=0) / images/s of a plain PyTorch loop over the same
-   data in memory (t2i's pure training step, no Ray).
+   data in memory (t2i's pure training step, no Ray). Plain loops and cached runs
+   alternate (--rounds cached runs, each between two plain loops) because this machine's
+   speed drifts by tens of percent within minutes.
 2. Two workers vs one on this machine, the same total batch (half per worker), cached.
 3. Feed headroom (streaming): batches/s of the streamed feed alone (Ray Data read + caption
    draw, consumed by nothing) / training steps/s in streaming mode.
@@ -19,7 +21,8 @@ has neither) and are printed apart.
    FLOP/s measured with the same threads. benchmarks/bench_compute.py tries what could
    raise it.
 
-    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 6000] [--epochs 5]
+    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 6000] [--epochs 5] [--rounds 2]
+                                     [--parts speed memory]
 """
 
 from __future__ import annotations
@@ -202,49 +205,55 @@ def speed(args, cfg, root: Path, tmp: Path) -> dict:
     batch = cfg.data.batch_size
     threads = usable_cpus()  # what a lone Ray worker gets here (t2i.train.worker_threads)
     epochs = f"train.epochs={args.epochs}"
-    # This machine's speed drifts by tens of percent within minutes: the plain loop runs
-    # before and after the Ray runs and counts as their mean (both printed).
-    plain_before = plain_loop(cfg, root, args.epochs, threads)
-    matmul_before = matmul_flops(threads)
-    cached = ray_run(args.config, root, tmp / "runs", "cached", epochs, "train.num_workers=1")
+    # This machine's speed drifts by tens of percent within minutes: plain loops and cached
+    # Ray runs alternate (P C P C P), each cached run compared with the plain runs on either
+    # side of it; the other runs compare with the mean of every plain run.
+    plains, matmuls, cached_runs = [plain_loop(cfg, root, args.epochs, threads)], [matmul_flops(threads)], []
+    for k in range(args.rounds):
+        cached_runs.append(ray_run(args.config, root, tmp / "runs", f"cached{k}", epochs, "train.num_workers=1"))
+        plains.append(plain_loop(cfg, root, args.epochs, threads))
+        matmuls.append(matmul_flops(threads))
     streamed = ray_run(args.config, root, tmp / "runs", "streamed", epochs, "train.num_workers=1", "data.cache_mb=0")
     two = ray_run(args.config, root, tmp / "runs", "two", epochs, "train.num_workers=2", f"data.batch_size={batch // 2}")
     feed = feed_batches_per_s(cfg, root, args.epochs)
-    plain_after = plain_loop(cfg, root, args.epochs, threads)
-    matmul = (matmul_before + matmul_flops(threads)) / 2
-    plain_rate = (plain_before["images_per_s"] + plain_after["images_per_s"]) / 2
-    assert cached["data_mode"] == "cache" and streamed["data_mode"] == "stream" and two["data_mode"] == "cache"
-    steps = {k: r["images_per_s"] / batch for k, r in (("cached", cached), ("streamed", streamed))}
-    achieved = plain_before["flop_per_step"] * steps["cached"]
+    plain_rates = [p["images_per_s"] for p in plains]
+    plain_rate = sum(plain_rates) / len(plain_rates)
+    matmul = sum(matmuls) / len(matmuls)
+    cached_rate = sum(c["images_per_s"] for c in cached_runs) / len(cached_runs)
+    round_ratios = [c["images_per_s"] / ((plain_rates[k] + plain_rates[k + 1]) / 2) for k, c in enumerate(cached_runs)]
+    assert all(c["data_mode"] == "cache" for c in cached_runs) and streamed["data_mode"] == "stream"
+    assert two["data_mode"] == "cache"
+    steps = {"cached": cached_rate / batch, "streamed": streamed["images_per_s"] / batch}
+    achieved = plains[0]["flop_per_step"] * steps["cached"]
     result = {
-        "plain_images_per_s": plain_rate, "cached_images_per_s": cached["images_per_s"],
+        "plain_images_per_s": plain_rate, "cached_images_per_s": cached_rate,
         "streamed_images_per_s": streamed["images_per_s"], "two_workers_images_per_s": two["images_per_s"],
-        "overhead_ratio_cached": cached["images_per_s"] / plain_rate,
+        "overhead_ratio_cached": sum(round_ratios) / len(round_ratios), "overhead_ratio_cached_rounds": round_ratios,
         "overhead_ratio_streamed": streamed["images_per_s"] / plain_rate,
-        "two_vs_one_workers": two["images_per_s"] / cached["images_per_s"],
+        "two_vs_one_workers": two["images_per_s"] / cached_rate,
         "feed_batches_per_s": feed, "feed_headroom_streamed": feed / steps["streamed"],
-        "flop_per_step": plain_before["flop_per_step"], "achieved_flop_per_s": achieved, "matmul_flop_per_s": matmul,
-        "compute_efficiency": achieved / matmul,
-        "plain_before_after": [plain_before["images_per_s"], plain_after["images_per_s"]],
-        "epoch_rates": {"plain": plain_before["epoch_rates"] + plain_after["epoch_rates"],
-                        "cached": cached["epoch_rates"], "streamed": streamed["epoch_rates"], "two": two["epoch_rates"]},
-        "epoch_s": {"cached": cached["epoch_s"], "streamed": streamed["epoch_s"], "two": two["epoch_s"]},
+        "flop_per_step": plains[0]["flop_per_step"], "achieved_flop_per_s": achieved, "matmul_flop_per_s": matmul,
+        "compute_efficiency": achieved / matmul, "plain_runs": plain_rates, "matmul_runs": matmuls,
+        "epoch_rates": {"plain": [p["epoch_rates"] for p in plains], "cached": [c["epoch_rates"] for c in cached_runs],
+                        "streamed": streamed["epoch_rates"], "two": two["epoch_rates"]},
+        "epoch_s": {"cached": [c["epoch_s"] for c in cached_runs], "streamed": streamed["epoch_s"], "two": two["epoch_s"]},
         "batch_size": batch, "threads": threads,
     }
     print(f"steady state = the training phase of epochs 2..{args.epochs} (images/s); batch {batch}, {threads} threads")
-    print(f"Plain loop before / after the Ray runs: {plain_before['images_per_s']:.0f} / "
-          f"{plain_after['images_per_s']:.0f} images/s")
-    print(f"Ray overhead, cached:   {cached['images_per_s']:.0f} / plain {plain_rate:.0f} images/s "
-          f"= {result['overhead_ratio_cached']:.3f} (goal >= 0.95)")
+    print(f"Plain loop runs (between the cached runs): {', '.join(f'{r:.0f}' for r in plain_rates)} images/s")
+    cached_rates = ", ".join(f"{c['images_per_s']:.0f}" for c in cached_runs)
+    print(f"Ray overhead, cached:   {cached_rates} images/s, "
+          f"each / the plain runs either side: {', '.join(f'{r:.3f}' for r in round_ratios)}; "
+          f"mean {result['overhead_ratio_cached']:.3f} (goal >= 0.95)")
     print(f"Ray overhead, streamed: {streamed['images_per_s']:.0f} / plain {plain_rate:.0f} images/s "
           f"= {result['overhead_ratio_streamed']:.3f}")
-    print(f"Two workers vs one:     {two['images_per_s']:.0f} / {cached['images_per_s']:.0f} images/s "
+    print(f"Two workers vs one:     {two['images_per_s']:.0f} / {cached_rate:.0f} images/s "
           f"= {result['two_vs_one_workers']:.3f} (batch {batch // 2} per worker)")
     print(f"Feed headroom, stream:  {feed:.1f} batches/s / {steps['streamed']:.2f} steps/s "
           f"= {result['feed_headroom_streamed']:.1f} (goal >= 5)")
     print(f"Compute:                {achieved / 1e9:.1f} GFLOP/s / matmul {matmul / 1e9:.1f} GFLOP/s "
           f"= {result['compute_efficiency']:.3f} (goal >= 0.4)")
-    print(f"Whole epochs (train + dev + checkpoint), s: cached {[round(s, 1) for s in cached['epoch_s']]}, "
+    print(f"Whole epochs (train + dev + checkpoint), s: cached {[round(s, 1) for s in cached_runs[-1]['epoch_s']]}, "
           f"streamed {[round(s, 1) for s in streamed['epoch_s']]}")
     return result
 
@@ -263,6 +272,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "shapes.toml"))
     parser.add_argument("--n", type=int, default=6000, help="shapes images (the default run's 6,000)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run; the first is warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="cached Ray runs, each between two plain loops")
     parser.add_argument("--parts", nargs="+", choices=["speed", "memory"], default=["speed", "memory"])
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ checkpoint. Data and runs may live in a local folder or at a URI (``t2i.storage`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -30,7 +31,6 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.util.queue import Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from t2i import checkpoint as ckpt_lib
@@ -552,12 +552,21 @@ def start_ray() -> None:
     A local Ray started here inherits this process's environment: one Parquet footer-reader
     actor instead of Ray Data's default pool of 32, which on a small machine took seconds to
     start for every read and left dozens of killed actors ("failed" tasks) on the job page.
+    On a machine of at most ``SMALL_CLUSTER_CPUS``, no pool of idle workers either: every
+    Python process of Ray wakes 100 times a second (its signal check), and the idle ones
+    (prestarted for the first driver, or left over from Ray Data's reads: three in a
+    default run) took up to 0.05 of a core each while training; a local Ray there ends a
+    worker one second after its last task (a streamed epoch then starts its read worker
+    afresh: about 3 s more per whole epoch, the training phase unchanged, measured).
     A cluster keeps its own settings (set them in its runtime environment)."""
     if ray.is_initialized():
         return
     ray_env_before_init()
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+        if usable_cpus() <= SMALL_CLUSTER_CPUS:
+            os.environ.setdefault("RAY_num_workers_soft_limit", "0")
+            os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
     loud = console.verbose()
     context = ray.init(log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
     if not loud:
@@ -565,27 +574,57 @@ def start_ray() -> None:
               f"; dashboard {'http://' + context.dashboard_url if context.dashboard_url else 'off'}; --verbose shows Ray's own logs", flush=True)
 
 
+@ray.remote(num_cpus=0)
+class EpochMailbox:
+    """Messages from the Train controller to the driver. The driver long-polls
+    :meth:`take`: one call per message or per ``wait_s`` of quiet, where polling a
+    ``ray.util.queue.Queue``'s size twice a second had put ~240 ``qsize`` tasks of a
+    2-minute run on the job's dashboard page (and a blocking ``Queue.get`` that times out
+    shows as a failed task)."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        self.arrived = asyncio.Event()
+
+    async def put(self, message: dict) -> None:
+        self.messages.append(message)
+        self.arrived.set()
+
+    async def take(self, wait_s: float) -> list[dict]:
+        """Every message waiting, after up to ``wait_s`` for the first (``[]`` if none came)."""
+        if not self.messages:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), wait_s)
+        taken, self.messages = self.messages, []
+        self.arrived.clear()
+        return taken
+
+    async def wake(self) -> None:
+        """End a waiting :meth:`take` now (the run is over)."""
+        self.arrived.set()
+
+
 class EpochRelay(ray.train.UserCallback):
     """On the Train controller: hand rank 0's metrics of every report to the driver."""
 
-    def __init__(self, queue: Queue):
-        self.queue = queue
+    def __init__(self, mailbox):
+        self.mailbox = mailbox
+
+    def _send(self, message: dict) -> None:
+        if self.mailbox is None:
+            return
+        try:
+            ray.get(self.mailbox.put.remote(message), timeout=10)
+        except Exception:  # noqa: BLE001 - the console must never fail a training run
+            self.mailbox = None
 
     def after_report(self, run_context, metrics, checkpoint):
-        if metrics and self.queue is not None:
-            try:
-                self.queue.put(metrics[0], timeout=10)
-            except Exception:  # noqa: BLE001 - the console must never fail a training run
-                self.queue = None
+        if metrics:
+            self._send(metrics[0])
 
     def after_exception(self, run_context, worker_exceptions):
-        if self.queue is not None:
-            failed = {rank: (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-                      for rank, exc in worker_exceptions.items()}
-            try:
-                self.queue.put({"failure": failed}, timeout=10)
-            except Exception:  # noqa: BLE001
-                self.queue = None
+        self._send({"failure": {rank: (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                                for rank, exc in worker_exceptions.items()}})
 
 
 @contextlib.contextmanager
@@ -595,47 +634,44 @@ def following(epochs: int, printer=print):
     the block ends.
 
     Train V2 runs callbacks in a controller actor, not in the driver: its prints would reach
-    the terminal only with Ray's forwarding (and everything else Ray forwards) on. A queue
+    the terminal only with Ray's forwarding (and everything else Ray forwards) on. A mailbox
     actor carries the metrics to a thread here instead, also under ``ray job submit``."""
-    # On the driver's node: a queue placed on a worker node died with it in the node-loss
+    # On the driver's node: a mailbox placed on a worker node died with it in the node-loss
     # drill, and the controller's callback then failed the run.
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    mailbox = EpochMailbox.options(scheduling_strategy=here).remote()
     stop = threading.Event()
-
     said: set[str] = set()
+    printing = threading.Lock()  # the thread and the final drain below
 
-    def drain() -> None:
-        # Polls by size: a blocking get that times out on an empty queue raises inside the
-        # queue actor, and every such call showed as a failed task on the job's dashboard
-        # page (34 of a smoke job's 248 tasks).
-        waiting = queue.qsize()
-        if not waiting:
-            return
-        for message in queue.get_nowait_batch(waiting):  # this thread is the only reader
-            line = (console.failure_line(message["failure"]) if "failure" in message
-                    else console.epoch_line(message, epochs))
-            if line not in said:  # the controller may report one failure at several polls
-                printer(line, flush=True)
-                said.add(line)
+    def show(messages: list[dict]) -> None:
+        with printing:
+            for message in messages:
+                line = (console.failure_line(message["failure"]) if "failure" in message
+                        else console.epoch_line(message, epochs))
+                if line not in said:  # the controller may report one failure at several polls
+                    printer(line, flush=True)
+                    said.add(line)
 
     def loop() -> None:
-        while not stop.wait(0.5):
+        while not stop.is_set():
             try:
-                drain()
-            except Exception:  # noqa: BLE001 - the queue actor is gone: the run is over
+                show(ray.get(mailbox.take.remote(2.0)))
+            except Exception:  # noqa: BLE001 - the mailbox is gone: the run is over
                 return
 
     thread = threading.Thread(target=loop, name="t2i-epoch-lines", daemon=True)
     thread.start()
     try:
-        yield EpochRelay(queue)
+        yield EpochRelay(mailbox)
     finally:
         stop.set()
+        with contextlib.suppress(Exception):
+            ray.get(mailbox.wake.remote(), timeout=5)
         thread.join(timeout=5)
         with contextlib.suppress(Exception):
-            drain()  # the last epoch's line, if the thread had not printed it yet
-            queue.shutdown()
+            show(ray.get(mailbox.take.remote(0.0)))  # the last epoch's line, if the thread had not shown it
+            ray.kill(mailbox)
 
 
 def fit(cfg: Config) -> dict:

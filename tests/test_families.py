@@ -1,5 +1,7 @@
 """Model families as the training loop sees them: losses, steps, state, shard cache (no Ray)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ from t2i import config as config_lib
 from t2i.alignment import alignment_loss, mirror_ids, to_float, train_dual_encoder
 from t2i.data import ShardCache, eval_caption_rows, load_manifest, load_vocabulary, read_split_arrays
 from t2i.evaluate import shapes_accuracy
-from t2i.families import GANFamily, extend_schedule, make_family, mismatched_captions
+from t2i.families import (GANFamily, extend_schedule, load_optimizer_state, make_family, make_optimizer,
+                          mismatched_captions)
 from t2i.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, kl_weight,
                         matching_aware_gradient_penalty)
 from t2i.models.blocks import bounded_logvar
@@ -254,6 +257,33 @@ def test_a_resumed_cosine_schedule_follows_the_raised_epoch_count():
     expected = lrs(fresh_opt, fresh, 8)
     assert resumed_opt.param_groups[0]["lr"] == pytest.approx(expected[3])
     assert lrs(resumed_opt, resumed, 4) == pytest.approx(expected[4:])
+
+
+def test_adam_is_fused_and_stays_fused_after_loading_an_older_foreach_state():
+    """t2i's Adam runs PyTorch's fused kernel; a checkpoint written by a foreach Adam (t2i
+    before it fused, or PyTorch's default) resumes with the same moments and steps, on the
+    fused kernel, and continues as the foreach optimizer would have."""
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3) for _ in range(6)]
+
+    def stepped(optimizer, weight, batch):
+        for grad in batch:
+            weight.grad = grad.clone()
+            optimizer.step()
+
+    cfg = config_lib.OptimConfig(name="adam", lr=0.1)
+    old_weight = torch.nn.Parameter(torch.ones(5, 3))
+    old = torch.optim.Adam([old_weight], lr=0.1, foreach=True)
+    stepped(old, old_weight, grads[:3])
+    new_weight = torch.nn.Parameter(old_weight.detach().clone())
+    resumed = make_optimizer([new_weight], cfg)
+    assert resumed.defaults["fused"] is True
+    load_optimizer_state(resumed, copy.deepcopy(old.state_dict()))  # as read from a checkpoint: not shared
+    assert resumed.param_groups[0]["fused"] is True and not resumed.param_groups[0]["foreach"]
+    assert int(resumed.state[new_weight]["step"]) == 3
+    stepped(old, old_weight, grads[3:])
+    stepped(resumed, new_weight, grads[3:])
+    torch.testing.assert_close(new_weight, old_weight)
 
 
 def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_dir):
