@@ -542,6 +542,20 @@ def quiet_ray_data() -> None:
     context.execution_options.verbose_progress = False
 
 
+def local_ray_env(cpus: int) -> dict[str, str]:
+    """Settings for a Ray that t2i starts on this machine (see :func:`start_ray`); the
+    user's environment wins over each."""
+    env = {
+        "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+        # Train's preemption watcher (one more actor waking 100x/s) looks for cloud nodes
+        # being drained; a Ray on one machine has none to lose.
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    }
+    if cpus <= SMALL_CLUSTER_CPUS:
+        env |= {"RAY_num_workers_soft_limit": "0", "RAY_prestart_worker_first_driver": "0"}
+    return env
+
+
 def start_ray() -> None:
     """Connect to the cluster at RAY_ADDRESS, or start a local one.
 
@@ -563,10 +577,8 @@ def start_ray() -> None:
         return
     ray_env_before_init()
     if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
-        if usable_cpus() <= SMALL_CLUSTER_CPUS:
-            os.environ.setdefault("RAY_num_workers_soft_limit", "0")
-            os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+        for key, value in local_ray_env(usable_cpus()).items():
+            os.environ.setdefault(key, value)
     loud = console.verbose()
     context = ray.init(log_to_driver=loud, logging_level=logging.INFO if loud else logging.WARNING)
     if not loud:

@@ -340,3 +340,14 @@ def test_ray_data_is_capped_only_on_small_clusters():
     assert data_cpu_budget(1.0, 2) == 1.0 and data_cpu_budget(1.0, 4) == 1.0  # this machine: the cap that avoids the hang
     assert data_cpu_budget(1.0, 64) == 0.0                                   # a real cluster: Ray Data decides
     assert data_cpu_budget(0.0, 2) == 0.0                                    # switched off
+
+
+def test_a_local_ray_on_a_small_machine_keeps_no_idle_processes():
+    from t2i.train import SMALL_CLUSTER_CPUS, local_ray_env
+
+    small, big = local_ray_env(2), local_ray_env(SMALL_CLUSTER_CPUS + 1)
+    for env in (small, big):  # one machine: nothing to preempt, one footer reader
+        assert env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+        assert env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"
+    assert small["RAY_num_workers_soft_limit"] == "0" and small["RAY_prestart_worker_first_driver"] == "0"
+    assert "RAY_num_workers_soft_limit" not in big  # enough cores: Ray's worker pool as it is
