@@ -563,9 +563,10 @@ def start_ray() -> None:
     Train's state transitions, deprecation warnings) stays in Ray's log files
     (``log_to_driver=False``); the epoch lines reach the driver through :func:`following`.
 
-    A local Ray started here inherits this process's environment: one Parquet footer-reader
-    actor instead of Ray Data's default pool of 32, which on a small machine took seconds to
-    start for every read and left dozens of killed actors ("failed" tasks) on the job page.
+    A local Ray started here inherits this process's environment (:func:`local_ray_env`):
+    one Parquet footer-reader actor instead of Ray Data's default pool of 32, which on a
+    small machine took seconds to start for every read and left dozens of killed actors
+    ("failed" tasks) on the job page; no Train preemption watcher.
     On a machine of at most ``SMALL_CLUSTER_CPUS``, no pool of idle workers either: every
     Python process of Ray wakes 100 times a second (its signal check), and the idle ones
     (prestarted for the first driver, or left over from Ray Data's reads: three in a
