@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "cluster"))
 
 import local as local_cluster  # noqa: E402
 
-from t2i.prepare import prepare_shapes  # noqa: E402
+from t2i.data.prepare import prepare_shapes  # noqa: E402
 
 
 def run_job(dashboard: str, data: Path, runs: Path, name: str, epochs: int, kill_after_first: list[str] | None):

@@ -29,10 +29,10 @@ import torch  # noqa: E402
 from bench_train import matmul_flops, plain_loop  # noqa: E402
 
 from t2i import config as config_lib  # noqa: E402
-from t2i.data import load_vocabulary  # noqa: E402
-from t2i.families import make_family  # noqa: E402
-from t2i.prepare import prepare_shapes  # noqa: E402
-from t2i.train import usable_cpus  # noqa: E402
+from t2i.data.dataset import load_vocabulary  # noqa: E402
+from t2i.training.families import make_family  # noqa: E402
+from t2i.data.prepare import prepare_shapes  # noqa: E402
+from t2i.runtime.ray_env import usable_cpus  # noqa: E402
 
 
 def run_variant(config: str, root: Path, epochs: int, threads: int, batch: int | None = None,

@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, resource, sys, time
-from t2i import prepare
+from t2i.data import prepare
 kind, arg, out = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
 if kind == "flickr8k":

@@ -44,11 +44,11 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
 from t2i import config as config_lib, storage  # noqa: E402
-from t2i.data import (EpochFeed, FeedPlan, ShardCache, build_datasets, load_manifest, load_vocabulary,  # noqa: E402
-                      shard_paths, to_model_inputs)
-from t2i.families import make_family  # noqa: E402
-from t2i.prepare import prepare_shapes, write_manifest  # noqa: E402
-from t2i.train import usable_cpus  # noqa: E402
+from t2i.data.dataset import load_manifest, load_vocabulary, shard_paths  # noqa: E402
+from t2i.data.feed import EpochFeed, FeedPlan, ShardCache, build_datasets, to_model_inputs  # noqa: E402
+from t2i.training.families import make_family  # noqa: E402
+from t2i.data.prepare import prepare_shapes, write_manifest  # noqa: E402
+from t2i.runtime.ray_env import usable_cpus  # noqa: E402
 
 
 def plain_loop(cfg, root, epochs: int, threads: int, prepare_net=None, channels_last: bool = True) -> dict:
@@ -102,7 +102,7 @@ def ray_run(config_path: str, root: Path, runs: Path, name: str, *overrides: str
     """A Ray Train run of the config (overrides applied); steady images/s from its metrics."""
     import ray  # noqa: PLC0415
 
-    from t2i.train import fit  # noqa: PLC0415
+    from t2i.training.driver import fit  # noqa: PLC0415
 
     run = config_lib.load(config_path, [f"data.path={root}", f"train.storage_path={runs}", f"train.name={name}",
                                         *overrides])
@@ -120,7 +120,7 @@ def feed_batches_per_s(cfg, root: Path, epochs: int = 3) -> float:
     """The streamed feed alone, as a worker consumes it (steady: epochs after the first)."""
     import ray  # noqa: PLC0415
 
-    from t2i.train import data_cpu_budget, start_ray  # noqa: PLC0415
+    from t2i.runtime.ray_env import data_cpu_budget, start_ray  # noqa: PLC0415
 
     start_ray()
     manifest = load_manifest(root, verify_checksums=False)
@@ -203,7 +203,7 @@ def peak_job_pss_mb(data: Path, storage_dir: Path, overrides: list[str]) -> floa
 
 def speed(args, cfg, root: Path, tmp: Path) -> dict:
     batch = cfg.data.batch_size
-    threads = usable_cpus()  # what a lone Ray worker gets here (t2i.train.worker_threads)
+    threads = usable_cpus()  # what a lone Ray worker gets here (t2i.runtime.ray_env.worker_threads)
     epochs = f"train.epochs={args.epochs}"
     # This machine's speed drifts by tens of percent within minutes: plain loops and cached
     # Ray runs alternate (P C P C P), each cached run compared with the plain runs on either

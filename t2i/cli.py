@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 from t2i import console
 from t2i.errors import T2IError
@@ -34,8 +36,37 @@ def run_job(work) -> int:
     return 0 if not summary.get("error") else 1
 
 
+@dataclass(frozen=True)
+class EntryScript:
+    """The command line of ``train_job.py`` and ``tune_search.py``: a config file, ``--set``
+    overrides, ``--data``, ``--smoke-test`` and ``--verbose``."""
+    description: str
+    default_config: Path
+    config_help: str
+    set_help: str
+    smoke_help: str
+    smoke: tuple[str, ...]  # overrides that ``--smoke-test`` puts before the user's
+
+    def parse(self, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+        """The parsed arguments and every override in the order they apply."""
+        parser = argparse.ArgumentParser(description=self.description)
+        parser.add_argument("--config", default=str(self.default_config), help=self.config_help)
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help=self.set_help)
+        parser.add_argument("--data", help="prepared dataset folder or URI (same as --set data.path=...)")
+        parser.add_argument("--smoke-test", action="store_true", help=self.smoke_help)
+        parser.add_argument("--verbose", action="store_true",
+                            help="also show Ray's own logs and progress bars (or set T2I_VERBOSE=1)")
+        args = parser.parse_args(argv)
+        console.set_verbose(args.verbose)
+        overrides = (list(self.smoke) if args.smoke_test else []) + args.overrides
+        if args.data:
+            overrides.append(f"data.path={args.data}")
+        return args, overrides
+
+
 def _prepare(args: argparse.Namespace) -> dict:
-    from t2i import prepare  # noqa: PLC0415 - keep `--help` fast
+    from t2i.data import prepare  # noqa: PLC0415 - keep `--help` fast
 
     if args.dataset == "flickr8k":
         return prepare.prepare_flickr8k(args.src, args.out, size=args.size, glove=args.glove,
@@ -51,22 +82,22 @@ def _summary(manifest: dict) -> dict:
 
 
 def _generate(args: argparse.Namespace) -> dict:
-    from t2i.generate import generate  # noqa: PLC0415
+    from t2i.generation.generate import generate  # noqa: PLC0415
 
     return generate(args.checkpoint, args.prompts, args.out, n=args.n, seed=args.seed,
                     captions_file=args.captions_file)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
-    from t2i.evaluate import evaluate  # noqa: PLC0415
+    from t2i.evaluation.evaluate import EvaluationSettings, evaluate  # noqa: PLC0415
 
     log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - stdout carries the JSON
-    return evaluate(args.checkpoint, args.data, split=args.split, out=args.out, samples=args.samples,
-                    seed=args.seed, max_pairs=args.max_pairs, log=log)
+    settings = EvaluationSettings(samples=args.samples, seed=args.seed, max_pairs=args.max_pairs)
+    return evaluate(args.checkpoint, args.data, split=args.split, out=args.out, settings=settings, log=log)
 
 
 def _report(args: argparse.Namespace) -> dict:
-    from t2i.report import build_report, parse_epochs  # noqa: PLC0415
+    from t2i.evaluation.table2 import build_report, parse_epochs  # noqa: PLC0415
 
     console.set_verbose(args.verbose)
 
@@ -75,7 +106,7 @@ def _report(args: argparse.Namespace) -> dict:
 
 
 def _serve(args: argparse.Namespace) -> dict:
-    from t2i.serve import ServeConfig, serve_until_stopped  # noqa: PLC0415 - Serve and FastAPI load slowly
+    from t2i.serving.app import ServeConfig, serve_until_stopped  # noqa: PLC0415 - Serve and FastAPI load slowly
 
     config = ServeConfig.from_args({"checkpoint": args.checkpoint, "host": args.host, "port": args.port,
                                     "replicas": args.replicas, "max_batch_size": args.max_batch_size})

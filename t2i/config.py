@@ -44,7 +44,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "seed"           # "seed" (the presentation's model), "cvae" or "gan" (t2i.families)
+    family: str = "seed"           # "seed" (the presentation's model), "cvae" or "gan" (t2i.training.families)
     text_encoder: str = "mean"     # "mean" of GloVe vectors (seed), "pool" (per-word MLP, max) or "gru"
     latent_dim: int = 128
     hidden: int = 1024             # units of the caption MLP (and of the GRU)
@@ -98,7 +98,6 @@ class TrainConfig:
     data_cpu_limit: float = 1.0    # Ray Data CPU cap on clusters of <= 4 CPUs (larger ones: none); 0 = never
     torch_threads: int = 0         # intra-op threads per worker; 0 = the whole CPUs Ray assigned it, or with
                                    # a fraction of one, the node's usable CPUs (affinity, cgroup) / its workers
-    fail_once_at_epoch: int = -1   # fault drill: raise once in this epoch (tests)
 
 
 @dataclass
@@ -112,6 +111,11 @@ class Config:
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
 
+
+# A tiny model for two epochs on a small shapes set: `--smoke-test` of train_job.py and
+# tune_search.py checks a setup in a minute or two.
+SMOKE_TEST = ("data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "model.width=8", "model.hidden=64",
+              "model.latent_dim=8", "data.samples_per_prompt=2")
 
 CHOICES = {
     "model.family": ("seed", "cvae", "gan"),
@@ -142,20 +146,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif typ in (int, float):
+        exact = (int, float) if typ is float else int  # an int field never takes 2.5
+        if isinstance(value, exact) and not isinstance(value, bool):
+            return typ(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return typ(value)
             except ValueError:
                 pass
     elif typ is str:

@@ -1,7 +1,7 @@
 """What a person reads while a job runs: a line saying what runs where, one line per
 epoch, a last line before the JSON summary (pure formatting; no Ray here).
 
-``t2i.train`` relays each epoch's metrics from Ray's processes to the driver and keeps
+``t2i.runtime.relay`` relays each epoch's metrics from Ray's processes to the driver and keeps
 Ray's own output quiet unless ``--verbose`` (or ``T2I_VERBOSE=1``) is given; ``t2i.tune``
 prints trial epochs the same way.
 """

@@ -39,7 +39,7 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def shapes_dir(tmp_path_factory) -> Path:
     """A small prepared shapes set shared by the tests (read-only for them)."""
-    from t2i.prepare import prepare_shapes
+    from t2i.data.prepare import prepare_shapes
 
     out = tmp_path_factory.mktemp("data") / "shapes"
     prepare_shapes(out, n=600, seed=0, shard_rows=200)
@@ -52,9 +52,9 @@ def checkpoint(shapes_dir, tmp_path_factory) -> Path:
     of a shapes run: enough for generate, evaluate and serve to run end to end."""
     import torch
 
-    from t2i import checkpoint as ckpt_lib
+    from t2i.training import checkpoint as ckpt_lib
     from t2i import config as config_lib
-    from t2i.data import load_vocabulary
+    from t2i.data.dataset import load_vocabulary
     from t2i.models import build_model
 
     cfg = config_lib.load(None, ["model.width=8", "model.hidden=64", "model.latent_dim=8", "model.family=cvae",

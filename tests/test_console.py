@@ -4,7 +4,8 @@ import ray.data
 
 from t2i import config as config_lib
 from t2i import console
-from t2i.train import quiet_ray_data, run_name
+from t2i.runtime.ray_env import quiet_ray_data
+from t2i.training.driver import run_name
 
 METRICS = {"epoch": 2, "train_loss": 73.9, "dev_loss": 80.12, "dev_mse": 0.0054, "dev_gen_mse": 0.00841,
            "samples_per_s": 112.4, "epoch_s": 52.2, "lr": 0.002}
@@ -67,12 +68,14 @@ def test_verbose_flag_reaches_the_environment(monkeypatch):
 def test_smoke_tests_never_share_a_users_run_folder():
     import train_job
     import tune_search
-    from t2i.tune import load_search
+    from t2i.runtime.tune import load_search
 
     manifest = {"dataset": "shapes"}
-    default = config_lib.load(train_job.DEFAULT_CONFIG)
-    smoke = config_lib.load(train_job.DEFAULT_CONFIG, train_job.SMOKE)
+    default = config_lib.load(train_job.SCRIPT.default_config)
+    args, overrides = train_job.SCRIPT.parse(["--smoke-test"])
+    smoke = config_lib.load(args.config, overrides)
     assert run_name(smoke, manifest) == "smoke-test" != run_name(default, manifest)
-    search, _ = load_search(tune_search.DEFAULT_SEARCH)
-    smoke_search, _ = load_search(tune_search.DEFAULT_SEARCH, tune_search.SMOKE)
+    search, _ = load_search(tune_search.SCRIPT.default_config)
+    args, overrides = tune_search.SCRIPT.parse(["--smoke-test"])
+    smoke_search, _ = load_search(args.config, overrides)
     assert smoke_search.name == "smoke-sweep" != search.name

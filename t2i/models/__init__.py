@@ -1,4 +1,4 @@
-"""Pure-PyTorch generators (no Ray, no data code). ``build_model`` maps a ModelConfig to one."""
+"""Pure-PyTorch networks (no Ray, no data code). ``build_model`` maps a ModelConfig to a generator."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import numpy as np
 import torch
 
 from t2i.config import ModelConfig
+from t2i.models.base import TextToImage
 from t2i.models.gan import Discriminator, GANGenerator
-from t2i.models.vae import CVAE, SeedVAE, TextToImage, TextToImageVAE, VAEOutput
+from t2i.models.vae import CVAE, SeedVAE, TextToImageVAE, VAEOutput
 
-FAMILIES = {"seed": SeedVAE, "cvae": CVAE, "gan": GANGenerator}
+GENERATORS: dict[str, type[TextToImage]] = {"seed": SeedVAE, "cvae": CVAE, "gan": GANGenerator}
 
 
 def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:
     """A fresh model whose frozen word table is ``vectors`` (vocab_size, embed_dim)."""
-    cls = FAMILIES[cfg.family]
+    cls = GENERATORS[cfg.family]
     model = cls(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
                 latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width, dropout=cfg.dropout,
                 decoder=cfg.decoder)
@@ -36,4 +37,4 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 __all__ = ["build_model", "build_discriminator", "count_parameters", "TextToImage", "TextToImageVAE", "VAEOutput",
-           "SeedVAE", "CVAE", "GANGenerator", "Discriminator", "FAMILIES"]
+           "SeedVAE", "CVAE", "GANGenerator", "Discriminator", "GENERATORS"]

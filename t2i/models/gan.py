@@ -11,12 +11,12 @@ The generator is StackGAN's Stage I (Zhang et al. 2017) with DF-GAN's fusion blo
   re-read ``c_hat`` through a channel-wise affine transform (DF-GAN's DFBlock).
 
 In the interface shared with the VAEs (:class:`TextToImage`), the generator's latent is
-``[c_hat, z]``: ``prior(c)`` is the CA Gaussian beside N(0, I), so ``sample()``,
+``[c_hat, z]``: ``latent_gaussian(c)`` is the CA Gaussian beside N(0, I), so ``sample()``,
 ``generate`` and ``evaluate`` work unchanged (deterministic = CA mean and z = 0).
 
 The discriminator (DF-GAN's, without residual shortcuts) reads the image down to 4x4,
 joins the caption feature replicated over the map and scores the pair; it has its own
-caption encoder. Its losses live in ``t2i.losses``.
+caption encoder. Its losses live in ``t2i.training.losses``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar
-from t2i.models.vae import TextToImage
+from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar, stride2_convs
+from t2i.models.base import TextToImage
 
 
 class GANGenerator(TextToImage):
@@ -42,7 +42,9 @@ class GANGenerator(TextToImage):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.decoder = ModulatedDecoder(self.latent_dim, self.condition_dim, width)
 
-    def prior(self, c: torch.Tensor):
+    def latent_gaussian(self, c: torch.Tensor):
+        """StackGAN's conditioning-augmentation Gaussian N(mu(c), sigma(c)) for ``c_hat``,
+        beside N(0, I) for the noise ``z``."""
         mu, logvar = self.augment(self.dropout(c)).chunk(2, dim=1)
         noise = torch.zeros(c.shape[0], self.noise_dim, device=c.device, dtype=mu.dtype)
         return torch.cat([mu, noise], 1), torch.cat([bounded_logvar(logvar), noise], 1)
@@ -52,7 +54,7 @@ class GANGenerator(TextToImage):
 
     def forward(self, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random image per caption, and the CA Gaussian's (mu, logvar) for its KL."""
-        mu, logvar = self.prior(self.encode_text(word_ids))
+        mu, logvar = self.latent_gaussian(self.encode_text(word_ids))
         z = self.reparameterize(mu, logvar)
         return self.decode(z, None), mu[:, : self.condition_dim], logvar[:, : self.condition_dim]
 
@@ -64,11 +66,7 @@ class Discriminator(nn.Module):
                  width: int = 32):
         super().__init__()
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
-        channels = [3, width, 2 * width, 4 * width, 8 * width]
-        layers: list[nn.Module] = []
-        for a, b in zip(channels[:-1], channels[1:]):  # 64 -> 32 -> 16 -> 8 -> 4
-            layers += [nn.Conv2d(a, b, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-        self.image = nn.Sequential(*layers)
+        self.image = nn.Sequential(*stride2_convs(width, kernel=4, norm="none"))  # 64 -> 4 pixels
         # DF-GAN's D_GET_LOGITS: concat the sentence vector over the 4x4 map, 3x3 conv, 4x4 conv.
         self.joint = nn.Sequential(nn.Conv2d(8 * width + self.text.out_dim, 2 * width, 3, 1, 1),
                                    nn.LeakyReLU(0.2, inplace=True), nn.Conv2d(2 * width, 1, 4, 1, 0))

@@ -1,8 +1,5 @@
-"""The two generators, behind one interface.
-
-``encode_text(word_ids) -> c``; ``encode(image, c) -> (mu, logvar)`` of q(z | .);
-``prior(c) -> (mu, logvar)``; ``reparameterize``; ``decode(z, c) -> image``;
-``forward(image, word_ids) -> VAEOutput``; ``sample(word_ids, n)``.
+"""The VAE generators (``t2i.models.base`` interface, plus ``encode(image, c) -> (mu, logvar)``
+of q(z | .) and ``forward(image, word_ids) -> VAEOutput``).
 
 * :class:`SeedVAE` - the presentation's model: caption -> Gaussian latent -> image. Its
   "posterior" reads only the caption and is pulled towards N(0, I) by the KL term, and the
@@ -18,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from t2i.models.base import TextToImage
 from t2i.models.blocks import CaptionEncoder, ConvDecoder, ConvEncoder, ModulatedDecoder, bounded_logvar, mlp
 
 
@@ -29,48 +27,22 @@ class VAEOutput(NamedTuple):
     prior_logvar: torch.Tensor
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None):
-    """z = mu + sigma * eps (Kingma & Welling 2014, "Auto-Encoding Variational Bayes")."""
-    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    return mu + torch.exp(0.5 * logvar) * eps
-
-
-class TextToImage(nn.Module):
-    """A caption-conditioned generator: ``encode_text``, ``prior(c) -> (mu, logvar)`` of the
-    latent used at generation time, ``decode(z, c)``. Sampling is shared by every family."""
-
-    latent_dim: int
-
-    def encode_text(self, word_ids: torch.Tensor) -> torch.Tensor:
-        return self.text(word_ids)
-
-    def reparameterize(self, mu, logvar, generator=None):
-        return reparameterize(mu, logvar, generator)
-
-    @torch.no_grad()
-    def sample(self, word_ids: torch.Tensor, n: int = 1, deterministic: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """(B, L) ids -> (B, n, 3, 64, 64): n draws per caption (the prior mean if deterministic)."""
-        c = self.encode_text(word_ids).repeat_interleave(n, dim=0)
-        mu, logvar = self.prior(c)
-        z = mu if deterministic else self.reparameterize(mu, logvar, generator)
-        images = self.decode(z, c)
-        return images.view(word_ids.shape[0], n, *images.shape[1:])
-
-    @torch.no_grad()
-    def sample_from_noise(self, word_ids: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """(N, L) ids, one row per image, and (N, latent_dim) standard-normal noise -> (N, 3, 64, 64).
-        With the noise ``sample`` would draw (n rows from one seeded generator per caption)
-        it gives the same images, so a server can batch many callers' captions, each with
-        its own seed, in one pass (eval-mode layers treat every row independently)."""
-        c = self.encode_text(word_ids)
-        mu, logvar = self.prior(c)
-        return self.decode(mu + torch.exp(0.5 * logvar) * noise.to(mu.dtype), c)
-
-
 class TextToImageVAE(TextToImage):
-    """A generator trained as a VAE: ``forward(image, word_ids) -> VAEOutput`` gives the
-    terms of its ELBO (the encoder sees the image), which evaluation also reports."""
+    """A generator trained as a VAE: ``encode(image, c)`` gives q(z | .), ``elbo_prior(c)``
+    the prior its KL is measured against, and ``forward(image, word_ids) -> VAEOutput``
+    the terms of its ELBO (the encoder sees the image), which evaluation also reports."""
+
+    has_elbo = True
+
+    def elbo_prior(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.latent_gaussian(c)
+
+    def forward(self, image: torch.Tensor, word_ids: torch.Tensor) -> VAEOutput:
+        c = self.encode_text(word_ids)
+        mu, logvar = self.encode(image, c)
+        prior_mu, prior_logvar = self.elbo_prior(c)
+        z = self.reparameterize(mu, logvar)
+        return VAEOutput(self.decode(z, c), mu, logvar, prior_mu, prior_logvar)
 
 
 class SeedVAE(TextToImageVAE):
@@ -90,19 +62,17 @@ class SeedVAE(TextToImageVAE):
         h = self.body(c)
         return self.to_mu(h), bounded_logvar(self.to_logvar(h))
 
-    def prior(self, c: torch.Tensor):
+    def latent_gaussian(self, c: torch.Tensor):
         # The seed samples its caption-conditioned Gaussian at generation time.
         return self.encode(None, c)
 
+    def elbo_prior(self, c: torch.Tensor):
+        """N(0, I): the seed's KL pulls its caption-only "posterior" towards it."""
+        zeros = torch.zeros(c.shape[0], self.latent_dim, device=c.device, dtype=c.dtype)
+        return zeros, zeros
+
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
-
-    def forward(self, image: torch.Tensor, word_ids: torch.Tensor) -> VAEOutput:
-        c = self.encode_text(word_ids)
-        mu, logvar = self.encode(image, c)
-        z = self.reparameterize(mu, logvar)
-        zeros = torch.zeros_like(mu)
-        return VAEOutput(self.decode(z, c), mu, logvar, zeros, zeros)
 
 
 class CVAE(TextToImageVAE):
@@ -126,7 +96,8 @@ class CVAE(TextToImageVAE):
         mu, logvar = self.posterior(torch.cat([self.image_encoder(image), c], 1)).chunk(2, dim=1)
         return mu, bounded_logvar(logvar)
 
-    def prior(self, c: torch.Tensor):
+    def latent_gaussian(self, c: torch.Tensor):
+        """The learned prior p(z | caption)."""
         mu, logvar = self.prior_net(c).chunk(2, dim=1)
         return mu, bounded_logvar(logvar)
 
@@ -134,10 +105,3 @@ class CVAE(TextToImageVAE):
         cond = self.cond(c)
         h = torch.cat([z, cond], 1)
         return self.decoder(h, cond) if self.modulated else self.decoder(h)
-
-    def forward(self, image: torch.Tensor, word_ids: torch.Tensor) -> VAEOutput:
-        c = self.encode_text(word_ids)
-        mu, logvar = self.encode(image, c)
-        prior_mu, prior_logvar = self.prior(c)
-        z = self.reparameterize(mu, logvar)
-        return VAEOutput(self.decode(z, c), mu, logvar, prior_mu, prior_logvar)

@@ -1,0 +1,291 @@
+"""Raw data -> GloVe-embedded Parquet shards + manifest.json.
+
+One row per image: ``image_id``, ``image`` (raw ``size*size*3`` uint8 bytes, HWC RGB: no
+codec to decode at train time), ``captions``, their mean GloVe ``embeddings`` and their
+padded ``word_ids``. The shapes set adds its ground-truth attribute columns. Beside the
+shards: ``vocab.parquet`` (the dataset's words and GloVe vectors) and ``manifest.json``
+(counts, sources, skipped items with reasons, a sha256 per shard).
+
+Everything streams: images are decoded in a process pool and written in shards of
+``shard_rows``, so memory does not grow with the number of images. Output is built in a
+sibling temp folder and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from t2i import storage
+from t2i.console import progress
+from t2i.data import flickr8k, shapes
+from t2i.data.dataset import FORMAT, DatasetError
+from t2i.data.flickr8k import SkipLog
+from t2i.data.text import UnknownCaptionError, Vocabulary, describe_source, load_glove, vocabulary_for
+MAX_WORDS = 32
+FLICKR8K_PROMPTS = (
+    "Two helmeted men sit on yellow snowmobiles while another man stands behind watching",
+    "The small child climbs on a red ropes on a playground",
+    "The brown and white dog with a green collar is biting a stick",
+    "A black dog runs on the green grass",
+    "A man in a red shirt climbs a rock wall",
+    "Two children play in the water at the beach",
+    "A person skiing down a snowy mountain",
+    "A group of people walk down a city street",
+)
+
+
+def schema(dim: int, max_words: int, with_shapes: bool) -> pa.Schema:
+    columns = [
+        ("image_id", pa.string()),
+        ("image", pa.binary()),
+        ("captions", pa.list_(pa.string())),
+        ("embeddings", pa.list_(pa.list_(pa.float32(), dim))),
+        ("word_ids", pa.list_(pa.list_(pa.int32(), max_words))),
+    ]
+    if with_shapes:
+        columns += [(c, pa.string()) for c in ("color", "shape", "size", "position")]
+        columns += [(c, pa.float32()) for c in ("cx", "cy", "extent")]
+    return pa.schema(columns)
+
+
+class ShardWriter:
+    """Buffers rows and writes ``<split>/part-NNNNN.parquet`` every ``shard_rows`` rows."""
+
+    def __init__(self, root: Path, split: str, schema: pa.Schema, shard_rows: int):
+        self.root, self.split, self.schema, self.shard_rows = root, split, schema, shard_rows
+        self.rows: list[dict] = []
+        self.shards: list[dict] = []
+        self.images = self.captions = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.images += 1
+        self.captions += len(row["captions"])
+        if len(self.rows) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        rel = f"{self.split}/part-{len(self.shards):05d}.parquet"
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        # Images are raw bytes that compress poorly with zstd level 1 but cost little to try.
+        pq.write_table(table, path, compression="zstd", compression_level=1)
+        self.shards.append({"file": rel, "rows": len(self.rows), "bytes": path.stat().st_size,
+                            "sha256": storage.sha256(path)})
+        self.rows = []
+
+    def summary(self) -> dict:
+        self.flush()
+        return {"images": self.images, "captions": self.captions, "shards": self.shards}
+
+
+def is_t2i_dataset(folder: Path) -> bool:
+    """True when ``folder`` holds a manifest that t2i's ``prepare`` wrote."""
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("format", "").startswith("t2i-prepared/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_replaceable(out: Path, overwrite: bool) -> None:
+    """``prepare`` writes only new folders, empty ones, or (with overwrite) t2i datasets:
+    ``--out data --overwrite`` must never delete a folder of other files."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not overwrite:
+        raise DatasetError(f"output folder already exists: {out} (pass --overwrite to replace it)")
+    if not is_t2i_dataset(out):
+        raise DatasetError(f"refusing to overwrite {out}: it is not a t2i dataset (no manifest.json with format "
+                           f"{FORMAT!r}); choose a new --out folder or remove it yourself")
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a private temp folder that becomes ``out`` only if the body finishes.
+
+    Two processes preparing the same ``out`` at once (two jobs that both found the built-in
+    set missing) each write their own staging folder; the first to finish renames it into
+    place, and a later one without ``overwrite`` keeps the finished folder and drops its own
+    copy instead of deleting files the other may be reading."""
+    out = Path(out)
+    check_replaceable(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists() and overwrite and any(out.iterdir()):  # swap, then remove the old copy
+        check_replaceable(out, overwrite)  # still a t2i dataset now that we are about to replace it
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    try:
+        staging.rename(out)  # atomic; fails if another process has put a folder there meanwhile
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not is_t2i_dataset(out):
+            raise DatasetError(f"{out} appeared while preparing and is not a t2i dataset; nothing was replaced")
+
+
+def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips: SkipLog):
+    """Keep the captions with a known word; report the others. Returns (kept, means, ids)."""
+    kept, means, ids = [], [], []
+    for caption in captions:
+        try:
+            mean, row = vocab.encode(caption, MAX_WORDS)
+        except UnknownCaptionError as exc:
+            skips.add("caption with no known word", f"{image_id}: {exc}")
+            continue
+        kept.append(caption)
+        means.append(mean.tolist())
+        ids.append(row.tolist())
+    return kept, means, ids
+
+
+def load_image(path: Path, size: int) -> bytes:
+    """Decode, centre-crop to square and resize to ``size``; raises on a corrupt file."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos fast
+        img = img.convert("RGB")
+        img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8).tobytes()
+
+
+def _load_image_task(args: tuple[str, int]) -> tuple[bytes | None, str]:
+    path, size = args
+    try:
+        return load_image(Path(path), size), ""
+    except Exception as exc:  # noqa: BLE001 - any decode failure means: skip and count
+        return None, f"{Path(path).name}: {type(exc).__name__}: {exc}"
+
+
+def write_vocab(vocab: Vocabulary, root: Path) -> None:
+    table = pa.table({
+        "word": pa.array(vocab.words, pa.string()),
+        "vector": pa.FixedSizeListArray.from_arrays(pa.array(vocab.vectors.reshape(-1)), vocab.dim),
+    })
+    pq.write_table(table, root / "vocab.parquet")
+
+
+def write_manifest(root: Path, **fields) -> dict:
+    manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: str | None = None,
+                     shard_rows: int = 1000, overwrite: bool = False, workers: int | None = None) -> dict:
+    skips = SkipLog()
+    source = flickr8k.read_source(src, skips)
+    on_disk = {p.name for p in source.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    for name, caps in source.captions.items():
+        if name not in on_disk:
+            skips.add("captions for a missing image", name, n=len(caps))
+    chosen: dict[str, list[str]] = {}
+    for name in sorted(on_disk):
+        if name not in source.captions:
+            skips.add("image without captions", name)
+        elif name not in source.split_of:
+            skips.add("image in no split", name)
+        else:
+            chosen[name] = source.captions[name]
+    for name in source.split_of:
+        if name not in on_disk:
+            skips.add("split entry without image", name)
+    if not chosen:
+        raise DatasetError(f"no usable image in {source.image_dir} (see skipped reasons: {skips.counts})")
+
+    vocab = vocabulary_for((c for caps in chosen.values() for c in caps), glove)
+    row_schema = schema(vocab.dim, MAX_WORDS, with_shapes=False)
+    with staged_output(Path(out), overwrite) as root, ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+        write_vocab(vocab, root)
+        splits = {}
+        for split in flickr8k.SPLITS:
+            names = [n for n in chosen if source.split_of[n] == split]
+            writer = ShardWriter(root, split, row_schema, shard_rows)
+            tasks = ((str(source.image_dir / n), size) for n in names)
+            loaded = zip(names, pool.map(_load_image_task, tasks, chunksize=32))
+            for name, (pixels, error) in progress(loaded, f"prepare {split}", total=len(names), unit="img"):
+                if pixels is None:
+                    skips.add("unreadable image", error)
+                    continue
+                kept, means, ids = encode_captions(chosen[name], vocab, name, skips)
+                if not kept:
+                    skips.add("image whose captions have no known word", name)
+                    continue
+                writer.add({"image_id": name, "image": pixels, "captions": kept,
+                            "embeddings": means, "word_ids": ids})
+            splits[split] = writer.summary()
+        return write_manifest(
+            root, dataset="flickr8k", source=str(Path(src).resolve()), layout=source.layout,
+            split_source=source.split_source, image_size=size, max_words=MAX_WORDS,
+            embedding={"source": describe_source(glove), "dim": vocab.dim},
+            vocabulary={"file": "vocab.parquet", "size": len(vocab)},
+            splits=splits, skipped=skips.to_dict(), prompts=list(FLICKR8K_PROMPTS),
+        )
+
+
+def _shape_rows(n: int, seed: int, vocab: Vocabulary, skips: SkipLog) -> Iterable[tuple[str, dict]]:
+    for index, split, spec, pixels, caps in shapes.generate(n, seed):
+        image_id = f"shape-{seed}-{index:07d}"
+        kept, means, ids = encode_captions(caps, vocab, image_id, skips)
+        yield split, {"image_id": image_id, "image": pixels.tobytes(), "captions": kept,
+                      "embeddings": means, "word_ids": ids, "color": spec.color, "shape": spec.shape,
+                      "size": spec.size, "position": spec.position, "cx": spec.cx, "cy": spec.cy,
+                      "extent": spec.extent}
+
+
+def prepare_shapes(out: str | Path, n: int = 20000, seed: int = 0, glove: str | None = None,
+                   shard_rows: int = 2000, overwrite: bool = False) -> dict:
+    if n < 1:
+        raise DatasetError("--n must be at least 1")
+    skips = SkipLog()
+    vocab = load_glove(glove, shapes.vocabulary_words())
+    row_schema = schema(vocab.dim, MAX_WORDS, with_shapes=True)
+    with staged_output(Path(out), overwrite) as root:
+        write_vocab(vocab, root)
+        writers = {s: ShardWriter(root, s, row_schema, shard_rows) for s in ("train", "dev", "test", "novel")}
+        for split, row in progress(_shape_rows(n, seed, vocab, skips), "prepare shapes", total=n, unit="img"):
+            writers[split].add(row)
+        return write_manifest(
+            root, dataset="shapes", source=f"built-in shapes (n={n}, seed={seed})", seed=seed,
+            image_size=shapes.CANVAS, max_words=MAX_WORDS,
+            embedding={"source": describe_source(glove), "dim": vocab.dim},
+            vocabulary={"file": "vocab.parquet", "size": len(vocab)},
+            splits={s: w.summary() for s, w in writers.items()}, skipped=skips.to_dict(),
+            novel_pairs=sorted(map(list, shapes.NOVEL_PAIRS)), prompts=list(shapes.PROMPTS),
+        )
+
+
+def default_shapes_dir(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
+    return Path(cache_dir) / f"shapes-n{n}-seed{seed}"
+
+
+def ensure_shapes(cache_dir: str | Path, n: int, seed: int = 0) -> Path:
+    """The built-in shapes set, prepared on first use and cached."""
+    out = default_shapes_dir(cache_dir, n, seed)
+    if not (out / "manifest.json").is_file():
+        prepare_shapes(out, n=n, seed=seed)  # never overwrites; a concurrent twin is fine
+    return out

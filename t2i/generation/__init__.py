@@ -1,0 +1,1 @@
+"""Generation from a checkpoint: captions -> images (``generate``) and image grids (``grid``)."""

@@ -1,0 +1,73 @@
+"""Prompts -> images from a checkpoint alone (pure PyTorch; no Ray, no data files)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from t2i.console import progress
+from t2i.data.text import UnknownCaptionError, Vocabulary
+from t2i.errors import T2IError
+from t2i.generation.grid import save_each, save_grid
+from t2i.training import checkpoint as ckpt_lib
+
+
+def encode_prompts(vocab: Vocabulary, prompts: list[str], max_words: int) -> torch.Tensor:
+    """(P, max_words) word ids; an empty or all-unknown prompt is an error naming it."""
+    rows = []
+    for prompt in prompts:
+        if not prompt.strip():
+            raise UnknownCaptionError("empty prompt")
+        rows.append(torch.as_tensor(vocab.encode(prompt, max_words)[1]))
+    return torch.stack(rows).long()
+
+
+@torch.no_grad()
+def sample_prompts(model, vocab: Vocabulary, prompts: list[str], n: int, max_words: int, seed: int,
+                   deterministic: bool = False) -> torch.Tensor:
+    """(P, n, 3, 64, 64) images; the same seed gives the same images."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    images = model.sample(encode_prompts(vocab, prompts, max_words).to(device), n=n,
+                          deterministic=deterministic, generator=generator)
+    model.train(was_training)
+    return images
+
+
+def render_prompts(model, vocab: Vocabulary, prompts: list[str], n: int, max_words: int, seed: int,
+                   path: str | Path) -> Path:
+    return save_grid(sample_prompts(model, vocab, prompts, n, max_words, seed), prompts, path)
+
+
+def max_words_of(loaded: ckpt_lib.LoadedCheckpoint) -> int:
+    return int(loaded.state["data"].get("max_words", 32))
+
+
+def generate(checkpoint: str | Path, prompts: list[str], out: str | Path, n: int = 4, seed: int = 0,
+             captions_file: str | Path | None = None, batch: int = 256) -> dict:
+    """Command-line prompts -> one grid PNG at ``out``; a captions file -> one 64x64 PNG per
+    line in the folder ``out`` (00000.png, ... in file order, first sample of each)."""
+    checkpoint = ckpt_lib.model_file(checkpoint)  # a run folder -> its best checkpoint
+    loaded = ckpt_lib.load(checkpoint)
+    max_words = max_words_of(loaded)
+    if captions_file:
+        path = Path(captions_file)
+        if not path.is_file():
+            raise T2IError(f"captions file not found: {path}")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        images = []
+        for start in progress(range(0, len(lines), batch), "generate", unit="batch"):
+            chunk = lines[start: start + batch]
+            images.append(sample_prompts(loaded.model, loaded.vocab, chunk, 1, max_words, seed + start)[:, 0])
+        if not images:
+            raise UnknownCaptionError(f"{path} has no captions")
+        files = save_each(torch.cat(images), out)
+        return {"out": str(out), "images": len(files), "checkpoint": checkpoint}
+    if not prompts:
+        raise UnknownCaptionError("give at least one prompt or --captions-file")
+    images = sample_prompts(loaded.model, loaded.vocab, prompts, n, max_words, seed)
+    return {"out": str(save_grid(images, prompts, out)), "prompts": len(prompts), "samples_per_prompt": n,
+            "checkpoint": checkpoint}

@@ -1,0 +1,294 @@
+"""What each model family trains, behind one small interface the training loop calls.
+
+A family object owns its networks, optimizers and schedulers, and supplies one training
+step, the evaluation terms of one batch, its per-epoch scheduler step and its state for
+checkpoints. ``t2i.training.loop`` runs the same epoch loop, checkpointing and resume for every
+family, so adding a family never adds ``if family == ...`` branches there.
+
+* :class:`VAEFamily` (``seed``, ``cvae``): negative ELBO, one network, one optimizer.
+* :class:`GANFamily` (``gan``): generator with conditioning augmentation + matching-aware
+  discriminator, DF-GAN's hinge losses and MA-GP, two optimizers (Tao et al. 2022).
+
+Every family also reports ``gen_mse`` on evaluation splits: the error of the image drawn
+from the caption alone (prior mean / CA mean with z = 0) against the true image. Checkpoint
+selection and sweeps rank by it, because the ELBO's reconstruction lets the encoder see
+the image and so says little about generation.
+
+Pure PyTorch: no Ray and no data code (the loop hands in tensors).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from typing import Callable
+
+import numpy as np
+import torch
+
+from t2i.config import Config
+from t2i.evaluation.metrics import mse
+from t2i.models import build_discriminator, build_model
+from t2i.models.dual_encoder import DualEncoder
+from t2i.training.losses import (alignment_loss, discriminator_hinge_loss, elbo_loss, generator_hinge_loss, kl_weight,
+                                 matching_aware_gradient_penalty, standard_normal_kl)
+from t2i.training.optim import clip_and_step, extend_schedule, make_optimizer, make_scheduler
+
+Autocast = Callable[[], contextlib.AbstractContextManager]
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the network itself)."""
+    return getattr(module, "module", module)
+
+
+@torch.no_grad()
+def generation_error(generator, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+    """Mean per-pixel squared error of the caption-only (deterministic) image, per pair."""
+    drawn = unwrap(generator).sample(word_ids, n=1, deterministic=True)[:, 0]
+    return mse(drawn, images)
+
+
+class Family(abc.ABC):
+    """Base: the generator is ``self.model`` (what checkpoints store as ``model``).
+
+    ``TRAIN_TERMS`` / ``EVAL_TERMS``: the names :meth:`train_step` / :meth:`eval_terms`
+    return, in a fixed order so workers can all-reduce them as one tensor."""
+
+    TRAIN_TERMS: tuple[str, ...] = ()
+    EVAL_TERMS: tuple[str, ...] = ()
+    # Without an evaluation split: the train metric checkpoints are ranked by (lower is
+    # better), one no warm-up or loss weight moves; None = keep the latest epoch.
+    FALLBACK_SELECTION: str | None = None
+
+    @property
+    def selection_metric(self) -> str:
+        """The dev metric checkpoints are ranked by (lower is better): always one of images
+        drawn from the caption alone, never a loss in which an encoder sees the image."""
+        return "dev_gen_mse"
+
+    def selection(self, metrics: dict) -> tuple[float, str]:
+        """What this epoch's checkpoint is ranked by (lower is better) and its name: the
+        dev generation metric, or without an evaluation split the fallback train metric
+        (never a warm-up- or beta-weighted loss, which would favour the warm-up epochs), or,
+        for a family without one, the epoch itself so the latest ranks first."""
+        if self.selection_metric in metrics:
+            return metrics[self.selection_metric], self.selection_metric
+        if self.FALLBACK_SELECTION:
+            return metrics[self.FALLBACK_SELECTION], self.FALLBACK_SELECTION
+        return -float(metrics["epoch"]), "latest epoch"
+
+    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
+        self.cfg = cfg
+        self.model = build_model(cfg.model, vectors)
+        # A frozen helper network (the gan's alignment loss; the config refuses the weight
+        # for other families): never trained or checkpointed here (cached beside the data).
+        self.alignment_encoder = alignment_encoder
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.schedulers: dict[str, object] = {}
+
+    # -- networks -------------------------------------------------------------------
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """Every trained network by name; ``model`` is the generator."""
+        return {"model": self.model}
+
+    def wrap(self, prepare: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
+        """Wrap each network for data parallelism (``ray.train.torch.prepare_model``) and
+        build the optimizers on the wrapped parameters."""
+        for name, net in self.networks().items():
+            setattr(self, name, prepare(net))  # attribute names are the networks' names
+        self._build_optimizers()
+
+    @abc.abstractmethod
+    def _build_optimizers(self) -> None:
+        """Fill ``self.optimizers`` and ``self.schedulers`` (keys: network names)."""
+
+    @property
+    def generator(self) -> torch.nn.Module:
+        return unwrap(self.model)
+
+    def move_frozen_helpers(self, device: torch.device) -> None:
+        """Move the frozen helper networks (which :meth:`wrap` leaves alone) to ``device``."""
+        if self.alignment_encoder is not None:
+            self.alignment_encoder.to(device)
+
+    def train(self, mode: bool = True) -> None:
+        for net in self.networks().values():
+            net.train(mode)
+
+    # -- per epoch ------------------------------------------------------------------
+    def end_epoch(self, metric: float) -> None:
+        for scheduler in self.schedulers.values():
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(metric)
+            else:
+                scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
+    # -- checkpoints ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to resume except the generator's weights (stored as ``model``)."""
+        return {"networks": {name: unwrap(net).state_dict() for name, net in self.networks().items()
+                             if name != "model"},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()}}
+
+    def load_networks(self, state: dict) -> None:
+        """Weights of every network (call before :meth:`wrap`)."""
+        self.model.load_state_dict(state["model"])
+        for name, weights in state["training"]["networks"].items():
+            self.networks()[name].load_state_dict(weights)
+
+    def load_training_state(self, state: dict) -> None:
+        """Optimizer and scheduler state (call after :meth:`wrap`)."""
+        training = state["training"]
+        for key, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(training["optimizers"][key])
+        for key, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(training["schedulers"][key])
+            extend_schedule(scheduler, self.cfg.train.epochs)
+
+
+class VAEFamily(Family):
+    """``seed`` and ``cvae``: minimise the (beta-weighted) negative ELBO."""
+
+    TRAIN_TERMS = ("loss", "mse", "kl", "elbo", "kl_weight")
+    EVAL_TERMS = ("loss", "mse", "kl", "gen_mse")
+    FALLBACK_SELECTION = "train_elbo"
+
+    def _build_optimizers(self) -> None:
+        self.optimizers = {"model": make_optimizer(self.model.parameters(), self.cfg.optim)}
+        self.schedulers = {"model": make_scheduler(self.optimizers["model"], self.cfg.optim, self.cfg.train.epochs)}
+
+    def train_step(self, images: torch.Tensor, word_ids: torch.Tensor, epoch_progress: float,
+                   autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """One optimisation step; ``epoch_progress`` (epochs done, fractional) sets the KL
+        warm-up weight. Returns detached terms (``kl_weight`` included)."""
+        loss_cfg = self.cfg.loss
+        weight = kl_weight(loss_cfg.beta, loss_cfg.kl_warmup_epochs, epoch_progress)
+        with autocast():
+            out = self.model(images, word_ids)
+        terms = elbo_loss(out, images, weight, loss_cfg.free_bits, loss_cfg.likelihood)
+        clip_and_step(terms["loss"], self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
+        return {**{k: v.detach() for k, v in terms.items()}, "kl_weight": torch.tensor(weight)}
+
+    @torch.no_grad()
+    def eval_terms(self, images: torch.Tensor, word_ids: torch.Tensor,
+                   autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """Plain negative ELBO (beta = 1, comparable across runs whatever they train with),
+        its MSE and KL, and the caption-only generation error."""
+        with autocast():
+            out = self.generator(images, word_ids)
+        terms = elbo_loss(out, images, 1.0, likelihood=self.cfg.loss.likelihood)
+        return {**terms, "gen_mse": generation_error(self.generator, images, word_ids).mean()}
+
+
+class GANFamily(Family):
+    """``gan``: DF-GAN's one-stage adversarial training with a CA generator.
+
+    Per batch, one discriminator step then one generator step (DF-GAN trains them 1:1):
+      D: hinge on (real, caption) vs (real, mismatched caption) and (fake, caption), + MA-GP;
+      G: -D(fake, caption) + beta * KL of the conditioning augmentation (StackGAN).
+    Optimizers: Adam with betas (0.0, 0.9), D's learning rate ``optim.disc_lr`` (DF-GAN:
+    G 1e-4, D 4e-4).
+    """
+
+    TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
+    EVAL_TERMS = ("loss", "kl", "align", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
+
+    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
+        super().__init__(cfg, vectors, alignment_encoder)
+        self.discriminator = build_discriminator(cfg.model, vectors)
+        if cfg.loss.align_weight > 0 and alignment_encoder is None:
+            raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
+                             "(t2i.training.encoders.ALIGNMENT_LOSS)")
+
+    @property
+    def selection_metric(self) -> str:
+        # With the alignment loss: how well each dev caption's random draw picks out that
+        # caption among the batch's, under the frozen loss encoder (not the judge). The
+        # caption-only MSE would rank the blurriest epoch best.
+        return "dev_align" if self.alignment_encoder is not None else "dev_gen_mse"
+
+    def _alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+        if self.alignment_encoder is None:
+            return images.new_zeros(())
+        return alignment_loss(self.alignment_encoder, images.float(), word_ids)
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.model, "discriminator": self.discriminator}
+
+    def _build_optimizers(self) -> None:
+        optim, epochs = self.cfg.optim, self.cfg.train.epochs
+        self.optimizers = {"model": make_optimizer(self.model.parameters(), optim),
+                           "discriminator": make_optimizer(self.discriminator.parameters(), optim, optim.disc_lr)}
+        self.schedulers = {k: make_scheduler(o, optim, epochs) for k, o in self.optimizers.items()}
+
+    def train_step(self, images: torch.Tensor, word_ids: torch.Tensor, epoch_progress: float,
+                   autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        d_terms = self.discriminator_step(images, word_ids, autocast)
+        return {**self.generator_step(word_ids, autocast), **d_terms}
+
+    def discriminator_step(self, images: torch.Tensor, word_ids: torch.Tensor,
+                           autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """Hinge on (real, caption) vs (real, mismatched caption) and (fake, caption), + MA-GP."""
+        # One forward over [real | real | fake] so DDP sees one pass. The fake is drawn
+        # without a graph: a DDP forward that never gets a backward breaks DDP.
+        with torch.no_grad(), autocast():
+            fake, _, _ = self.model(word_ids)
+        logits = self.discriminator(torch.cat([images, images, fake.float()]),
+                                    torch.cat([word_ids, mismatched_captions(word_ids), word_ids]))
+        terms = discriminator_hinge_loss(*logits.float().chunk(3))
+        critic = unwrap(self.discriminator)
+        penalty = matching_aware_gradient_penalty(critic.score, images, critic.encode_text(word_ids),
+                                                  k=self.cfg.loss.gp_weight)
+        clip_and_step(terms["d_loss"] + penalty, self.discriminator, self.optimizers["discriminator"],
+                      self.cfg.optim.grad_clip)
+        return {**{k: v.detach() for k, v in terms.items()}, "gp": penalty.detach()}
+
+    def generator_step(self, word_ids: torch.Tensor,
+                       autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """A fresh sample scored by the discriminator, + beta * KL of the CA Gaussian
+        (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14)."""
+        with autocast():
+            fake, mu, logvar = self.model(word_ids)
+        adversarial = generator_hinge_loss(self.discriminator(fake.float(), word_ids).float())
+        kl = standard_normal_kl(mu, logvar)
+        align = self._alignment(fake, word_ids)
+        loss = adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+        # The discriminator's gradients from this backward are dropped at its next zero_grad.
+        clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
+        return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach()}
+
+    @torch.no_grad()
+    def eval_terms(self, images: torch.Tensor, word_ids: torch.Tensor,
+                   autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
+        """The discriminator's view of held-out pairs (a real, matching pair should score
+        high; the same image with another caption low) and the caption-only generation error."""
+        generator, critic = self.generator, unwrap(self.discriminator)
+        with autocast():
+            fake, mu, logvar = generator(word_ids)
+        logits = critic(torch.cat([images, images, fake.float()]),
+                        torch.cat([word_ids, mismatched_captions(word_ids), word_ids])).float()
+        d_terms = discriminator_hinge_loss(*logits.chunk(3))
+        kl = standard_normal_kl(mu, logvar)
+        align = self._alignment(fake, word_ids)
+        loss = generator_hinge_loss(logits.chunk(3)[2]) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+        return {"loss": loss, "kl": kl, "align": align, **d_terms,
+                "gen_mse": generation_error(generator, images, word_ids).mean()}
+
+
+def mismatched_captions(word_ids: torch.Tensor) -> torch.Tensor:
+    """Each image paired with the next image's caption (DF-GAN's batch roll by one)."""
+    return torch.roll(word_ids, shifts=1, dims=0)
+
+
+FAMILIES: dict[str, type[Family]] = {"seed": VAEFamily, "cvae": VAEFamily, "gan": GANFamily}
+
+
+def make_family(cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None) -> Family:
+    """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used)."""
+    return FAMILIES[cfg.model.family](cfg, vectors, alignment_encoder)

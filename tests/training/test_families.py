@@ -1,0 +1,454 @@
+"""Model families as the training loop sees them: losses, steps, state, shard cache (no Ray)."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from t2i.training import checkpoint as ckpt_lib
+from t2i import config as config_lib
+from t2i.training.losses import alignment_loss
+from t2i.training.encoders import mirror_ids, train_dual_encoder
+from t2i.data.dataset import to_float
+from t2i.data.feed import ShardCache, eval_caption_rows
+from t2i.data.dataset import load_manifest, load_vocabulary, read_split_arrays
+from t2i.evaluation.evaluate import shapes_accuracy
+from t2i.training.families import GANFamily, make_family, mismatched_captions
+from t2i.training.optim import extend_schedule, make_optimizer
+from t2i.training.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, kl_weight,
+                        matching_aware_gradient_penalty)
+from t2i.models.blocks import bounded_logvar
+from t2i.models.vae import VAEOutput
+
+TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "loss.align_weight=0"]
+
+
+def family_for(config_file, vectors, *overrides):
+    cfg = config_lib.load(REPO / "configs" / config_file, list(overrides))
+    family = make_family(cfg, vectors)
+    family.wrap(lambda net: net)  # no DDP outside Ray Train
+    return family
+
+
+def fixed_batch(shapes_dir, n=16):
+    manifest = load_manifest(shapes_dir)
+    data = read_split_arrays(shapes_dir, manifest, "train")
+    first = np.unique(data["caption_image"], return_index=True)[1][:n]
+    return to_float(data["images"][:n]), torch.as_tensor(data["word_ids"][first]).long()
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar, pmu, plogvar = (torch.randn(5, 3) for _ in range(4))
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(pmu, (0.5 * plogvar).exp())
+    assert torch.allclose(gaussian_kl(mu, logvar, pmu, plogvar), torch.distributions.kl_divergence(q, p), atol=1e-5)
+    assert kl_weight(2.0, 4, 1.0) == pytest.approx(0.5) and kl_weight(2.0, 0, 0.0) == 2.0
+
+
+def test_log_variance_is_bounded_so_the_kl_stays_finite():
+    # A posterior log-variance of 1e4 must not make the KL overflow.
+    raw = torch.tensor([-1e4, -3.0, 0.0, 2.0, 1e4])
+    bounded = bounded_logvar(raw)
+    assert bounded.min() >= -8.0 and bounded.max() <= 4.0
+    assert torch.allclose(bounded[1:4], raw[1:4], atol=0.35)  # near-identity where models live
+    zeros = torch.zeros(1, 5)
+    kl = elbo_loss(VAEOutput(torch.zeros(1, 3, 2, 2), zeros, bounded[None], zeros, zeros), torch.zeros(1, 3, 2, 2))["kl"]
+    assert torch.isfinite(kl) and kl < 100
+
+
+def test_plain_elbo_ignores_beta_warm_up_and_free_bits():
+    torch.manual_seed(0)
+    recon, image = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
+    mu, logvar = torch.randn(4, 5), torch.randn(4, 5)
+    zeros = torch.zeros(4, 5)
+    plain = elbo_loss(VAEOutput(recon, mu, logvar, zeros, zeros), image)
+    weighted = elbo_loss(VAEOutput(recon, mu, logvar, zeros, zeros), image, beta=0.1, free_bits=2.0)
+    assert plain["loss"].item() == pytest.approx(plain["elbo"].item())
+    assert weighted["elbo"].item() == pytest.approx(plain["elbo"].item())
+    assert weighted["loss"].item() != pytest.approx(plain["loss"].item())
+    expected = (recon - image).pow(2).flatten(1).sum(1).mean() + gaussian_kl(mu, logvar, zeros, zeros).sum(1).mean()
+    assert plain["elbo"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_bernoulli_likelihood_is_binary_cross_entropy():
+    image = torch.tensor([[[[0.0, 1.0]]]])
+    recon = torch.tensor([[[[0.25, 0.5]]]])
+    zeros = torch.zeros(1, 2)
+    terms = elbo_loss(VAEOutput(recon, zeros, zeros, zeros, zeros), image, likelihood="bernoulli")
+    assert terms["loss"].item() == pytest.approx(-np.log(0.75) - np.log(0.5), rel=1e-5)
+    assert terms["mse"].item() == pytest.approx((0.25 ** 2 + 0.5 ** 2) / 2)
+
+
+def test_cvae_first_epoch_kl_stays_sane(shapes_dir):
+    """Warm-up from weight 0 (the Flickr8k case): a few hundred steps keep the KL finite and small."""
+    vocab = load_vocabulary(shapes_dir)
+    family = family_for("cvae.toml", vocab.vectors, "model.width=8", "model.hidden=64", "model.latent_dim=8",
+                        "loss.kl_warmup_epochs=2", "optim.lr=0.003")
+    images, word_ids = fixed_batch(shapes_dir, 32)
+    kls = [family.train_step(images, word_ids, epoch_progress=0.0)["kl"].item() for _ in range(60)]
+    assert all(np.isfinite(kls)) and max(kls) < 1e3
+
+
+def test_default_shapes_family_learns_colour_fast(shapes_dir):
+    """The default config's loss terms are wired right: a few hundred steps on the tiny shapes
+    set draw the named colour far above chance (1/8), read from the pixels."""
+    torch.manual_seed(0)
+    manifest, vocab = load_manifest(shapes_dir), load_vocabulary(shapes_dir)
+    family = family_for("shapes.toml", vocab.vectors, "model.width=8", "model.hidden=64", "data.batch_size=32")
+    train = read_split_arrays(shapes_dir, manifest, "train")
+    images, ids, owner = to_float(train["images"]), torch.as_tensor(train["word_ids"]).long(), train["caption_image"]
+    rng = np.random.default_rng(0)
+    for step in range(250):
+        rows = rng.integers(0, len(ids), 32)
+        family.train_step(images[owner[rows]], ids[rows], epoch_progress=step / 15)
+    test = read_split_arrays(shapes_dir, manifest, "test", attributes=True)
+    family.train(False)
+    drawn = family.generator.sample(torch.as_tensor(test["word_ids"]).long(), deterministic=True)[:, 0]
+    accuracy = shapes_accuracy(drawn, test["attributes"], test["caption_image"])
+    assert accuracy["color"] > 0.5, accuracy
+
+
+def test_discriminator_and_generator_losses_move_the_right_way(shapes_dir):
+    torch.manual_seed(0)
+    vocab = load_vocabulary(shapes_dir)
+    family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
+    images, word_ids = fixed_batch(shapes_dir)
+    d_losses = [family.discriminator_step(images, word_ids)["d_loss"].item() for _ in range(15)]
+    assert d_losses[-1] < d_losses[0] - 0.3, d_losses  # D learns to tell real+matching from the rest
+    g_losses = [family.generator_step(word_ids)["g_adv"].item() for _ in range(15)]
+    assert g_losses[-1] < g_losses[0], g_losses  # G learns to fool that (fixed) D
+
+
+def test_matching_aware_term_uses_mismatched_captions(shapes_dir):
+    vocab = load_vocabulary(shapes_dir)
+    family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
+    images, word_ids = fixed_batch(shapes_dir, 8)
+    seen = {}
+    forward = family.discriminator.forward
+
+    def spy(batch_images, batch_ids):
+        seen.setdefault("ids", batch_ids)
+        return forward(batch_images, batch_ids)
+
+    family.discriminator.forward = spy
+    family.discriminator_step(images, word_ids)
+    real, wrong, fake = seen["ids"].chunk(3)
+    assert torch.equal(real, word_ids) and torch.equal(fake, word_ids)
+    assert torch.equal(wrong, mismatched_captions(word_ids))
+    assert all(not torch.equal(a, b) for a, b in zip(wrong, word_ids))  # every image gets another caption
+    # The hinge terms: a D that scores everything 0 pays 1 on each term, 2 in total.
+    terms = discriminator_hinge_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4))
+    assert terms["d_loss"].item() == pytest.approx(2.0)
+    # MA-GP is zero-centred on the joint (image, sentence) gradient: k * ||grad||^p.
+    sentence = torch.ones(2, 3, requires_grad=True)
+    penalty = matching_aware_gradient_penalty(lambda x, s: (x.flatten(1).sum(1) + 2 * s.sum(1)),
+                                              torch.zeros(2, 1, 1, 1), sentence, k=2.0, p=6.0)
+    assert penalty.item() == pytest.approx(2.0 * (1 + 3 * 4) ** 3)  # ||(1, 2, 2, 2)||^6 = 13^3
+
+
+def test_gan_checkpoint_round_trip_restores_both_networks_and_optimizers(shapes_dir, tmp_path):
+    torch.manual_seed(0)
+    vocab = load_vocabulary(shapes_dir)
+    family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
+    images, word_ids = fixed_batch(shapes_dir, 8)
+    for _ in range(2):
+        family.train_step(images, word_ids, epoch_progress=0.0)
+    path = ckpt_lib.save(tmp_path, model=family.generator, cfg=family.cfg, vocab=vocab, epoch=4, metrics={},
+                         training=family.state_dict())
+    state = ckpt_lib.read_state(path)
+    restored = make_family(family.cfg, vocab.vectors)
+    restored.load_networks(state)
+    restored.wrap(lambda net: net)
+    restored.load_training_state(state)
+    for name in ("model", "discriminator"):
+        a, b = family.networks()[name].state_dict(), restored.networks()[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        saved, loaded = family.optimizers[name].state_dict(), restored.optimizers[name].state_dict()
+        assert saved["param_groups"][0]["lr"] == loaded["param_groups"][0]["lr"]
+        assert all(torch.equal(saved["state"][i]["exp_avg"], loaded["state"][i]["exp_avg"]) for i in saved["state"])
+    # The generator alone is what generate/evaluate load, unchanged for the user.
+    loaded = ckpt_lib.load(path)
+    assert loaded.model.sample(word_ids[:2], n=3).shape == (2, 3, 3, 64, 64)
+    assert isinstance(family, GANFamily)
+
+
+def test_shard_cache_order_is_seeded_and_drops_the_partial_batch():
+    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3).contiguous()
+    captions = torch.arange(30).view(30, 1)  # image i owns caption rows 3i, 3i+1, 3i+2
+    cache = ShardCache(images, captions, np.arange(0, 31, 3), keys=np.arange(10, dtype=np.uint64))
+
+    def epoch(seed, number, rank=0):
+        return [(b["image"][:, 0, 0, 0].tolist(), b["word_ids"][:, 0].tolist())
+                for b in cache.epoch_batches(4, seed, number, rank)]
+
+    first = epoch(0, 0)
+    assert len(first) == 2 and all(len(imgs) == 4 for imgs, _ in first)  # 10 rows -> 2 full batches
+    assert first == epoch(0, 0)  # the same seed sees the same batches
+    assert first != epoch(0, 1) and first != epoch(1, 0) and first != epoch(0, 0, rank=1)
+    for imgs, caps in first:
+        assert all(c // 3 == i for i, c in zip(imgs, caps))  # each caption belongs to its image
+
+
+def test_evaluation_scores_every_image_with_captions_in_turn():
+    offsets = np.array([10, 15, 20, 22, 27])  # four images with 5, 5, 2 and 5 caption rows
+    assert eval_caption_rows(offsets, 0).tolist() == list(range(10, 27))  # all of them
+    assert eval_caption_rows(offsets, 1).tolist() == [10, 16, 20, 25]  # image i: its caption i mod count
+    assert eval_caption_rows(offsets, 2).tolist() == [10, 11, 16, 17, 20, 21, 25, 26]
+    assert sorted(eval_caption_rows(offsets, 9).tolist()) == list(range(10, 27))  # capped at each count
+
+
+def test_all_captions_pairs_each_image_with_its_own_captions(shapes_dir):
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from t2i.data.feed import all_captions  # noqa: PLC0415
+
+    from t2i.data.dataset import decode_images, shard_paths
+
+    manifest = load_manifest(shapes_dir)
+    table = pq.read_table(shard_paths(shapes_dir, manifest, "dev")[0], columns=["image", "word_ids"])
+    images = decode_images(table.column("image"), 64)
+    captions = table.column("word_ids").to_pylist()
+    every, one = all_captions(table, 64), all_captions(table, 64, per_image=1)
+    assert len(every["image"]) == sum(len(c) for c in captions) and len(one["image"]) == len(images)
+    for i, (image, ids) in enumerate(zip(one["image"], one["word_ids"])):
+        assert np.array_equal(image, images[i]) and ids.tolist() == captions[i][i % len(captions[i])]
+
+
+def test_train_cache_is_the_same_whatever_order_the_files_arrive_in(shapes_dir):
+    """Ray Data shuffles the files of the train split: the cache sorts them back by image id,
+    so one seed gives the same batches in every run."""
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    from t2i.data.dataset import shard_paths  # noqa: PLC0415
+
+    tables = [pq.read_table(p, columns=["image", "word_ids", "image_id"])
+              for p in shard_paths(shapes_dir, load_manifest(shapes_dir), "train")]
+    assert len(tables) >= 2
+    forward = ShardCache.from_train_tables(tables, 64, "cpu")
+    backward = ShardCache.from_train_tables(tables[::-1], 64, "cpu")
+    assert torch.equal(forward.images, backward.images) and torch.equal(forward.captions, backward.captions)
+    assert np.array_equal(forward.offsets, backward.offsets) and np.array_equal(forward.keys, backward.keys)
+    first = [b["word_ids"] for b in forward.epoch_batches(16, 0, 0, 0)]
+    again = [b["word_ids"] for b in backward.epoch_batches(16, 0, 0, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+def test_a_resumed_cosine_schedule_follows_the_raised_epoch_count():
+    """A 4-epoch cosine run resumed with train.epochs = 8 continues on the 8-epoch cosine
+    (not from ~0 back up to the peak, as the restored 4-epoch state would)."""
+    weight = torch.nn.Parameter(torch.zeros(1))
+
+    def schedule(epochs):
+        optimizer = torch.optim.Adam([weight], lr=1.0)
+        return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+    def lrs(optimizer, scheduler, steps):
+        out = []
+        for _ in range(steps):
+            optimizer.step()
+            scheduler.step()
+            out.append(optimizer.param_groups[0]["lr"])
+        return out
+
+    short_opt, short = schedule(4)
+    lrs(short_opt, short, 4)
+    resumed_opt, resumed = schedule(8)
+    resumed_opt.load_state_dict(short_opt.state_dict())
+    resumed.load_state_dict(short.state_dict())
+    extend_schedule(resumed, 8)
+    fresh_opt, fresh = schedule(8)
+    expected = lrs(fresh_opt, fresh, 8)
+    assert resumed_opt.param_groups[0]["lr"] == pytest.approx(expected[3])
+    assert lrs(resumed_opt, resumed, 4) == pytest.approx(expected[4:])
+
+
+def test_adam_is_fused_and_a_loaded_state_continues_exactly():
+    """t2i's Adam runs PyTorch's fused kernel; its state, as read back from a checkpoint,
+    resumes with the same moments and steps and continues as the original would have."""
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3) for _ in range(6)]
+
+    def stepped(optimizer, weight, batch):
+        for grad in batch:
+            weight.grad = grad.clone()
+            optimizer.step()
+
+    cfg = config_lib.OptimConfig(name="adam", lr=0.1)
+    old_weight = torch.nn.Parameter(torch.ones(5, 3))
+    old = make_optimizer([old_weight], cfg)
+    stepped(old, old_weight, grads[:3])
+    new_weight = torch.nn.Parameter(old_weight.detach().clone())
+    resumed = make_optimizer([new_weight], cfg)
+    assert resumed.defaults["fused"] is True
+    resumed.load_state_dict(copy.deepcopy(old.state_dict()))  # as read from a checkpoint: not shared
+    assert resumed.param_groups[0]["fused"] is True
+    assert int(resumed.state[new_weight]["step"]) == 3
+    stepped(old, old_weight, grads[3:])
+    stepped(resumed, new_weight, grads[3:])
+    torch.testing.assert_close(new_weight, old_weight)
+
+
+def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_dir):
+    """The gan's DAMSM-style term: a frozen encoder (not the judge) whose InfoNCE loss on
+    (generated image, caption) pairs falls as the generator trains on it alone."""
+    torch.manual_seed(0)
+    vocab = load_vocabulary(shapes_dir)
+    manifest = load_manifest(shapes_dir)
+    data = read_split_arrays(shapes_dir, manifest, "train")
+    encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors,
+                                 mirror_ids(vocab.words), epochs=4, batch=32, width=8, log=lambda line: None)
+    cfg = config_lib.load(REPO / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
+    with pytest.raises(ValueError, match="alignment-loss encoder"):
+        make_family(cfg, vocab.vectors)
+    frozen = encoder.requires_grad_(False).eval()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    family = make_family(cfg, vocab.vectors, frozen)
+    family.wrap(lambda net: net)
+    family.optimizers["model"].param_groups[0]["lr"] = 2e-3
+    _, word_ids = fixed_batch(shapes_dir, 16)
+    with torch.no_grad():
+        family.generator.train(False)
+        images = family.generator.sample(word_ids, n=1, deterministic=True)[:, 0]
+    start = alignment_loss(frozen, images, word_ids).item()
+    terms = [family.generator_step(word_ids)["align"].item() for _ in range(25)]
+    assert terms[0] == pytest.approx(start, abs=1.0)  # the step reports the loss it trains on
+    assert np.mean(terms[-5:]) < np.mean(terms[:5]) - 0.1, terms
+    assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # never trained here
+    with pytest.raises(config_lib.ConfigError, match="align_weight"):
+        config_lib.load(REPO / "configs" / "cvae.toml", ["loss.align_weight=1.0"])
+
+
+def test_state_digest_sees_any_change_but_not_memory_layout():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 4, 3)
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    state = {"model": net.state_dict(), "training": {"optimizers": {"model": optimizer.state_dict()}}}
+    digest = ckpt_lib.state_digest(state)
+    layout = {"model": {k: v.to(memory_format=torch.channels_last) if v.dim() == 4 else v
+                        for k, v in net.state_dict().items()}, "training": state["training"]}
+    assert ckpt_lib.state_digest(layout) == digest
+    moved = {"model": state["model"], "training": {"optimizers": {"model": {**optimizer.state_dict(),
+             "param_groups": [{**optimizer.state_dict()["param_groups"][0], "lr": 0.5}]}}}}
+    assert ckpt_lib.state_digest(moved) != digest  # a learning rate
+    optimizer.state_dict()["state"][0]["exp_avg"].add_(1e-6)
+    assert ckpt_lib.state_digest(state) != digest  # one moment estimate
+
+
+@pytest.mark.parametrize("schedule", ["constant", "exponential", "plateau", "cosine"])
+def test_every_schedule_continues_across_a_resume_as_if_never_stopped(schedule):
+    """Two epochs, a checkpoint, a fresh family restored from it, three more epochs: the
+    learning rates equal those of five uninterrupted epochs (plateau fed the same metric)."""
+    cfg = config_lib.load(None, [f"optim.schedule={schedule}", "optim.gamma=0.5", "optim.patience=0",
+                                 "train.epochs=5", "model.width=8", "model.hidden=16", "model.latent_dim=4"])
+    vectors = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    metrics = [1.0, 1.0, 0.9, 0.9, 0.9]  # the plateau decays where it stalls
+
+    def family():
+        f = make_family(cfg, vectors)
+        f.wrap(lambda net: net)
+        return f
+
+    def run(f, epochs):
+        out = []
+        for metric in epochs:
+            f.optimizers["model"].step()
+            f.end_epoch(metric)
+            out.append(f.lr)
+        return out
+
+    straight = run(family(), metrics)
+    first = family()
+    before = run(first, metrics[:2])
+    state = {"model": first.generator.state_dict(), "training": first.state_dict()}
+    resumed = family()
+    resumed.load_networks(state)
+    resumed.wrap(lambda net: net)
+    resumed.load_training_state(state)
+    assert before + run(resumed, metrics[2:]) == pytest.approx(straight)
+    if schedule != "constant":
+        assert len(set(straight)) > 1  # the schedule really moved
+
+
+def test_free_bits_make_small_kl_dims_free():
+    """Free bits (Kingma et al. 2016): each latent dim's batch-mean KL below the floor is
+    charged at the floor, so the optimiser gains nothing by shrinking it further."""
+    recon = image = torch.zeros(2, 3, 2, 2)
+    mu = torch.tensor([[0.1, 3.0], [0.1, 3.0]])  # dim 0: KL 0.005 nats, dim 1: 4.5 nats
+    zeros = torch.zeros(2, 2)
+    terms = elbo_loss(VAEOutput(recon, mu, zeros, zeros, zeros), image, free_bits=1.0)
+    assert terms["loss"].item() == pytest.approx(1.0 + 4.5)
+    assert terms["kl"].item() == pytest.approx(0.005 + 4.5)  # the reported KL stays the true one
+    assert kl_weight(1.0, 2, 0.5) == pytest.approx(0.25) and kl_weight(1.0, 2, 5.0) == 1.0
+
+
+def test_epoch_means_are_exact_over_uneven_batches():
+    from t2i.training.loop import add_terms, means, term_sums
+
+    sums = term_sums(("loss", "mse"), "cpu")
+    add_terms(sums, ("loss", "mse"), {"loss": torch.tensor(1.0), "mse": torch.tensor(0.1)}, 3)
+    add_terms(sums, ("loss", "mse"), {"loss": torch.tensor(3.0), "mse": torch.tensor(0.5)}, 1)
+    result = means("dev", ("loss", "mse"), sums)
+    assert result == pytest.approx({"dev_loss": 1.5, "dev_mse": 0.2})  # (3*1 + 1*3) / 4, not (1 + 3) / 2
+
+
+def test_r_precision_on_hand_made_embeddings():
+    """Ten items whose caption embedding equals their image embedding: every item finds its
+    own caption (1.0); pointing away from it, no item does (0.0)."""
+    from t2i.evaluation.judges import r_precision
+
+    class Fixed:
+        def __init__(self, images, texts):
+            self.images, self.texts = images, texts
+
+        def eval(self):
+            return self
+
+        def embed_images(self, x):
+            return self.images[x[:, 0, 0, 0].long()]
+
+        def embed_text(self, ids):
+            return self.texts[ids[:, 0]]
+
+    n = 10
+    basis = torch.eye(n)
+    images = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 3, 2, 2)
+    ids = np.arange(n)[:, None]
+    owner = np.arange(n)
+    right = r_precision(Fixed(basis, basis), images, ids, owner, n_candidates=5, bins=2)
+    wrong = r_precision(Fixed(basis, -basis), images, ids, owner, n_candidates=5, bins=2)
+    assert right["r_precision"] == 1.0 and wrong["r_precision"] == 0.0 and right["chance"] == pytest.approx(0.2)
+    # A judge that scores every caption alike ranks nothing first: ties are misses.
+    assert r_precision(Fixed(basis, torch.ones(n, n)), images, ids, owner, n_candidates=5, bins=2)["r_precision"] == 0.0
+    # Captions of another image with the true caption's exact text are never distractors:
+    # images 0-4 look alike and share one caption text, so each would tie with the other
+    # four (a miss) if they could be its distractors.
+    same_text = np.array([0, 0, 0, 0, 0, 5, 6, 7, 8, 9])
+    alike = Fixed(basis[same_text], basis)
+    assert r_precision(alike, images, same_text[:, None], owner, n_candidates=5, bins=2)["r_precision"] == 1.0
+    # Too few eligible captions for 99 distractors: chance comes from the pools drawn (1/10 here).
+    assert r_precision(Fixed(basis, basis), images, ids, owner)["chance"] == pytest.approx(0.1)
+
+
+def test_distractors_are_drawn_without_replacement_from_other_images_and_texts():
+    from t2i.evaluation.judges import distractor_pools
+
+    rng = np.random.default_rng(0)
+    owner = np.repeat(np.arange(60), 5)                      # 5 captions per image
+    ids = rng.integers(1, 40, size=(300, 6))
+    ids[1] = ids[7]                                          # caption 1 (image 0) reads as caption 7 (image 1)
+    for i, pool in enumerate(distractor_pools(ids, owner, 100, rng)):
+        assert len(pool) == 99 and len(set(pool.tolist())) == 99
+        assert (owner[pool] != owner[i]).all()
+        assert not any((ids[j] == ids[i]).all() for j in pool)
+
+
+def test_flip_augmentation_mirrors_left_and_right_in_the_caption():
+    words = ["<pad>", "a", "circle", "left", "top", "right"]
+    mapping = mirror_ids(words)
+    assert [words[j] for j in mapping] == ["<pad>", "a", "circle", "right", "top", "left"]
+    assert mirror_ids(["<pad>", "left", "dog"]) is None      # no "right" to swap with: never flip
