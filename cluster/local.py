@@ -211,7 +211,8 @@ def start(args) -> dict:
         ports = node_ports()
         state["nodes"].append(spawn_node(f"worker{index}", [
             f"--address={gcs}", f"--node-ip-address={HOST}", *port_flags(ports),
-            f"--num-cpus={args.worker_cpus}", f"--memory={int(args.worker_memory_gb * 1e9)}",
+            f"--num-cpus={args.worker_cpus}", f"--num-gpus={args.worker_gpus}",
+            f"--memory={int(args.worker_memory_gb * 1e9)}",
             f"--object-store-memory={int(args.object_store_gb * 1e9)}"], state_dir, ports))
         state_path(state_dir).write_text(json.dumps(state, indent=1))
     nodes = wait_for_nodes(state, 1 + args.workers, args.timeout)
@@ -327,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--dashboard-port", type=int, default=8265)
     up.add_argument("--head-cpus", type=int, default=2)
     up.add_argument("--worker-cpus", type=int, default=1)
+    # Ray's resources are logical: a worker node can declare a GPU node's shape (e.g. 8 CPUs,
+    # 1 GPU) on a machine without one, to see what a GPU cluster would schedule.
+    up.add_argument("--worker-gpus", type=int, default=0, help="GPUs each worker node declares (logical)")
     up.add_argument("--head-memory-gb", type=float, default=8)
     up.add_argument("--worker-memory-gb", type=float, default=4)
     up.add_argument("--object-store-gb", type=float, default=1, help="per node")

@@ -89,7 +89,8 @@ class TrainConfig:
     epochs: int = 10
     num_workers: int = 1           # 0 = run the loop in this process (debugging)
     use_gpu: str = "auto"          # "auto" (GPU when the cluster has one), "true", "false"
-    cpus_per_worker: float = 0.45  # < 1 so Ray Data's read tasks keep a CPU (2-core machines)
+    cpus_per_worker: float = 0.0   # 0 = from the cluster: 0.45 where it has <= 4 CPUs (Ray Data keeps one),
+                                   # else 75% of a node's CPUs per GPU (or per worker); the run's first line says
     placement_strategy: str = "PACK"  # workers on as few nodes as possible; "SPREAD" over nodes
     amp: bool = True               # mixed precision, only ever on GPU
     seed: int = 0

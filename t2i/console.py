@@ -79,7 +79,8 @@ def run_line(facts: dict) -> str:
     """The first line of a run: what trains on what, where, and where it writes."""
     workers = facts["workers"]
     where = "in this process (local mode)" if workers == 0 else (
-        f"{workers} worker{'s' if workers > 1 else ''} x {facts['cpus_per_worker']:g} CPU")
+        f"{workers} worker{'s' if workers > 1 else ''} x {facts['cpus_per_worker']:g} CPU"
+        + (f" ({facts['cpus_reason']})" if facts.get("cpus_reason") else ""))
     return (f"t2i: {facts['family']} ({facts['parameters'] / 1e6:.2f}M parameters) on {facts['dataset']} "
             f"({facts['train_images']:,} train images) | {where} on {facts['device']} | data: "
             f"{facts['data_mode']} | epochs {facts['start_epoch'] + 1}-{facts['epochs']} -> {facts['run_dir']}")

@@ -8,6 +8,7 @@ get used; evaluation rows expand to every (image, caption) pair, like the seed's
 
 from __future__ import annotations
 
+import copy
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,7 +278,7 @@ class ExactEvalDataConfig(RayDataConfig):
                     output[i][name] = per_rank[i][name]
                 continue
             ds = ds.copy(ds)
-            ds.context.execution_options = self._resolve_execution_options(name)
+            ds.context.execution_options = copy.deepcopy(self.default_ingest_options())  # what Train gives the rest
             for i, split in enumerate(ds.streaming_split(world_size, equal=False)):
                 output[i][name] = split
         return output

@@ -11,6 +11,7 @@ generation needs no GloVe file at all.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,12 @@ class Vocabulary:
 
     def __len__(self) -> int:
         return len(self.words)
+
+    def digest(self) -> str:
+        """SHA-256 of the words in order and their float32 vectors: equal digests, same ids."""
+        digest = hashlib.sha256("\n".join(self.words).encode())
+        digest.update(np.ascontiguousarray(self.vectors, dtype=np.float32).tobytes())
+        return digest.hexdigest()
 
     def ids(self, caption: str) -> tuple[list[int], list[str]]:
         """Known-word ids in order, and the words that are not in the vocabulary."""

@@ -1,7 +1,9 @@
-"""Starting or joining Ray, and what t2i reads from it: CPUs and GPUs, the environment
-knobs Ray reads at start, and the submitted job's runtime environment.
+"""Starting or joining Ray, and what t2i reads from it: the shapes of its nodes, CPUs and
+GPUs, whether CUDA works where a GPU was granted, and the environment knobs Ray reads at start.
 
-The one home of Ray's private APIs in t2i. No Ray Train here, so serving can use it.
+The one home of Ray's private APIs and internal ``RAY_*`` knobs in t2i: each is used through
+:func:`private_api`, which says loudly when a Ray other than the one t2i was written for
+no longer offers it. No Ray Train here, so serving can use it.
 """
 
 from __future__ import annotations
@@ -9,18 +11,37 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
 import ray.data
 
 from t2i import console
+from t2i.errors import T2IError
 
 # Up to this many CPUs in the whole cluster, Ray Data's read tasks and the training workers
 # starve each other without a cap (the default run hung on 2 cores); above it the cap would
-# only slow the feed, so Ray Data decides.
+# only slow the feed, so Ray Data decides. Such a cluster also gets the small-machine profile.
 SMALL_CLUSTER_CPUS = 4
-JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for the submitted driver
+SMALL_MACHINE_CPUS_PER_WORKER = 0.45  # < 1 so Ray Data's read tasks keep a CPU (0.5 each hung on 2 cores)
+WORKER_CPU_SHARE = 0.75  # of a node's CPUs per worker (per GPU): the rest decodes data for it
+RAY_WRITTEN_FOR = "2.60"  # the Ray whose private APIs and knobs this module uses
+_warned: set[str] = set()
+
+
+def private_api(what: str, call, fallback):
+    """``call()`` a private Ray API; if it fails, a loud warning (once) naming the Ray version,
+    then ``fallback``. Never a silent change of behaviour."""
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - any failure of an internal API is reported the same way
+        if what not in _warned:
+            _warned.add(what)
+            print(f"t2i: warning: Ray {ray.__version__}'s {what} failed ({type(exc).__name__}: {exc}); t2i was "
+                  f"written for Ray {RAY_WRITTEN_FOR}.x, whose internal API it uses here", flush=True)
+        return fallback
 
 
 def usable_cpus() -> int:
@@ -64,13 +85,27 @@ def decide_gpu(visible: float, could_scale_to: float | None, workers: int) -> bo
     return visible >= needed or (could_scale_to or 0) >= needed
 
 
+def _autoscaler_config():
+    """The autoscaler's view of the cluster's node types (None without an autoscaler)."""
+    return private_api("cluster config (ray._private.state.state.get_cluster_config)",
+                       lambda: ray._private.state.state.get_cluster_config(), None)
+
+
+def autoscaler_max_resources() -> dict | None:
+    """The most of each resource the autoscaler could start (None without an autoscaler)."""
+    return private_api("autoscaler limits (ray._private.state.state.get_max_resources_from_cluster_config)",
+                       lambda: ray._private.state.state.get_max_resources_from_cluster_config(), None)
+
+
 def cluster_has_gpus(needed: int) -> bool:
     """Whether the connected cluster has, or its autoscaler could start, ``needed`` GPUs."""
-    try:  # what an autoscaling cluster's node types could provide (Ray Train V2 reads it too)
-        limits = ray._private.state.state.get_max_resources_from_cluster_config()
-    except Exception:  # noqa: BLE001 - no autoscaler state (a local or fixed-size cluster)
-        limits = None
-    return decide_gpu(ray.cluster_resources().get("GPU", 0), (limits or {}).get("GPU"), needed)
+    visible = ray.cluster_resources().get("GPU", 0)
+    could = (autoscaler_max_resources() or {}).get("GPU")
+    decided = decide_gpu(visible, could, needed)
+    if not decided and could is None and "autoscaler limits" in " ".join(_warned):
+        print(f"t2i: warning: use_gpu=auto sees {visible:g} GPU(s) up and could not ask the autoscaler for more: "
+              "training on CPU; set train.use_gpu=true to wait for GPU nodes", flush=True)
+    return decided
 
 
 def use_gpu(setting: str, workers: int) -> bool:
@@ -80,9 +115,84 @@ def use_gpu(setting: str, workers: int) -> bool:
     return cluster_has_gpus(workers)
 
 
-def submitted_job_config() -> str | None:
-    """The job config (JSON) Ray's job supervisor hands a driver started by ``ray job submit``."""
-    return os.environ.get(JOB_CONFIG_ENV)
+@dataclass(frozen=True)
+class NodeShape:
+    cpus: float
+    gpus: float
+
+
+def node_shapes() -> list[NodeShape]:
+    """The nodes that are up, and one of each node type an autoscaler could start (an
+    autoscaling cluster's GPU nodes are often all down when a job is submitted)."""
+    shapes = [NodeShape(n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+              for n in ray.nodes() if n.get("Alive")]
+    config = _autoscaler_config()
+    for group in getattr(config, "node_group_configs", None) or []:
+        shapes.append(NodeShape(float(group.resources.get("CPU", 0)), float(group.resources.get("GPU", 0))))
+    return shapes
+
+
+def choose_cpus_per_worker(setting: float, gpu: bool, workers: int, cluster_cpus: float,
+                           shapes: list[NodeShape]) -> tuple[float, str]:
+    """``train.cpus_per_worker`` (0 = auto) and why: the small-machine profile on clusters of
+    at most ``SMALL_CLUSTER_CPUS`` CPUs; with GPUs, ``WORKER_CPU_SHARE`` of a GPU node's CPUs
+    per GPU; on CPUs, that share of the workers' part of the cluster (at most one node's)."""
+    if setting > 0:
+        return setting, "set"
+    if cluster_cpus <= SMALL_CLUSTER_CPUS:
+        return SMALL_MACHINE_CPUS_PER_WORKER, f"small-machine profile: the cluster has {cluster_cpus:g} CPUs"
+    if gpu:
+        per_gpu = [s.cpus / s.gpus for s in shapes if s.gpus >= 1 and s.cpus > 0]
+        if not per_gpu:
+            return 1.0, "no GPU node's CPU count is known yet"
+        return max(1.0, math.floor(WORKER_CPU_SHARE * min(per_gpu))), \
+            f"{WORKER_CPU_SHARE:.0%} of a GPU node's {min(per_gpu):g} CPUs per GPU"
+    largest = max((s.cpus for s in shapes), default=cluster_cpus)
+    share = min(largest, cluster_cpus / max(1, workers))
+    return max(1.0, math.floor(WORKER_CPU_SHARE * share)), f"{WORKER_CPU_SHARE:.0%} of {share:g} CPUs per worker"
+
+
+class GPUUnavailableError(T2IError):
+    """A worker that was granted a GPU cannot use CUDA."""
+
+
+def nvidia_driver_version() -> str | None:
+    """The node's NVIDIA kernel driver version, or None when it has none."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    for word in text.split():
+        if word.count(".") >= 1 and word.replace(".", "").isdigit():
+            return word
+    return text.splitlines()[0].strip() if text else None
+
+
+# The driver each CUDA major version needs at least (NVIDIA's CUDA toolkit release notes, Linux).
+MIN_DRIVER_FOR_CUDA = {"13": "580", "12": "525", "11": "450"}
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process (None when it can): the node, its driver and
+    the CUDA version torch was built for, in one line."""
+    import torch  # noqa: PLC0415 - only workers that asked for a GPU check
+
+    if torch.cuda.is_available():
+        return None
+    built = torch.version.cuda
+    need = MIN_DRIVER_FOR_CUDA.get((built or "").split(".")[0])
+    driver = nvidia_driver_version()
+    return (f"a GPU was granted but CUDA is unusable on node {ray.util.get_node_ip_address()} "
+            f"({socket.gethostname()}): NVIDIA driver {driver or 'not found'}, torch {torch.__version__} built for "
+            f"CUDA {built or 'none (a CPU build)'}" + (f" (needs driver >= {need})" if need else "")
+            + "; see cluster/README.md, First GPU run")
+
+
+def submitted_working_dir() -> str | None:
+    """The ``--working-dir`` of the ``ray job submit`` that started this driver (None outside a job)."""
+    if not ray.is_initialized():
+        return None
+    return (ray.get_runtime_context().runtime_env or {}).get("working_dir") or None
 
 
 def ray_env_before_init() -> None:
@@ -126,6 +236,14 @@ def local_ray_env(cpus: int) -> dict[str, str]:
     return env
 
 
+def small_cluster_settings(cluster_cpus: float) -> None:
+    """On a cluster of at most ``SMALL_CLUSTER_CPUS`` CPUs (the driver's process, before its
+    datasets are read): one Parquet footer reader, whose pool of 32 left killed actors
+    ("failed" tasks) on a small cluster's job page. The user's environment wins."""
+    if 0 < cluster_cpus <= SMALL_CLUSTER_CPUS:
+        os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+
+
 def start_ray() -> None:
     """Connect to the cluster at RAY_ADDRESS, or start a local one with :func:`local_ray_env`
     (a cluster keeps its own settings: set them in its runtime environment).
@@ -137,6 +255,9 @@ def start_ray() -> None:
         return
     ray_env_before_init()
     if not os.environ.get("RAY_ADDRESS"):
+        if not ray.__version__.startswith(RAY_WRITTEN_FOR + "."):
+            print(f"t2i: warning: Ray {ray.__version__}: the internal RAY_* settings t2i gives a local Ray "
+                  f"were chosen for Ray {RAY_WRITTEN_FOR}.x and may be ignored", flush=True)
         for key, value in local_ray_env(usable_cpus()).items():
             os.environ.setdefault(key, value)
     loud = console.verbose()

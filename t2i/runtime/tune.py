@@ -23,9 +23,10 @@ from ray.tune.schedulers import ASHAScheduler
 from t2i import config as config_lib
 from t2i import console, storage
 from t2i.config import Config, ConfigError
-from t2i.runtime.ray_env import start_ray, submitted_job_config
+from t2i.runtime.ray_env import start_ray, submitted_working_dir
 from t2i.training import run_files
-from t2i.training.driver import check_cluster_storage, check_paths_under_job, make_trainer, resolve_data, summarize
+from t2i.training.driver import (check_cluster_storage, check_gpu_workers, check_paths_under_job, make_trainer,
+                                resolve_data, summarize)
 from t2i.training.families import FAMILIES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -181,6 +182,7 @@ def trial_driver(params: dict) -> None:
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
     plan = make_trainer(cfg, callbacks=[TuneReportCallback()], run_name_override=trial_name,
                         storage_override=params["trials_dir"])
+    check_gpu_workers(plan.facts)
     plan.trainer.fit()
 
 
@@ -190,9 +192,9 @@ def sweep_dir(search: SearchConfig, base: Config) -> str:
 
 def run(search: SearchConfig, base: Config) -> dict:
     """Run (or resume) the sweep; returns the summary printed as the last line."""
-    for warning in check_paths_under_job(base, submitted_job_config()):
-        print(f"t2i: warning: {warning}", flush=True)
     start_ray()
+    for warning in check_paths_under_job(base, submitted_working_dir()):
+        print(f"t2i: warning: {warning}", flush=True)
     root = sweep_dir(search, base)
     # Trials run in their own working dirs: hand them absolute paths, and prepare the
     # built-in data once here rather than in every trial.

@@ -45,6 +45,7 @@ class ServeConfig:
     host: str = "127.0.0.1"          # loopback; any other address exposes it: put an authenticating proxy in front
     port: int = 8000
     replicas: int = 1
+    max_replicas: int = 0            # > replicas: Serve adds replicas up to this many under load (0 = fixed)
     max_batch_size: int = 8          # requests per forward pass (@serve.batch); 1 turns batching off
     batch_wait_timeout_s: float = 0.01  # how long a first request waits for company
     num_cpus: float = 1.0            # per replica; its torch threads follow this
@@ -73,6 +74,8 @@ class ServeConfig:
             raise ConfigError(f"port must be 1-65535, got {config.port}")
         if config.replicas < 1 or config.max_batch_size < 1 or config.num_cpus <= 0:
             raise ConfigError("replicas, max_batch_size and num_cpus must be positive")
+        if config.max_replicas and config.max_replicas < config.replicas:
+            raise ConfigError(f"max_replicas ({config.max_replicas}) is below replicas ({config.replicas})")
         if config.use_gpu not in ("auto", "true", "false"):
             raise ConfigError(f"use_gpu must be auto, true or false, got {config.use_gpu!r}")
         return config
@@ -189,9 +192,18 @@ def build_app(args: dict):
     config = ServeConfig.from_args(args)
     location = config.checkpoint if storage.is_uri(config.checkpoint) else storage.absolute(config.checkpoint)
     return CaptionServer.options(
-        num_replicas=config.replicas,
+        **replica_count(config),
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": replica_gpus(config)},
     ).bind(location, config.max_batch_size, config.batch_wait_timeout_s, config.num_cpus)
+
+
+def replica_count(config: ServeConfig) -> dict:
+    """A fixed number of replicas, or Serve autoscaling between ``replicas`` and
+    ``max_replicas``, aiming at one full batch in flight per replica."""
+    if config.max_replicas <= config.replicas:
+        return {"num_replicas": config.replicas}
+    return {"autoscaling_config": {"min_replicas": config.replicas, "max_replicas": config.max_replicas,
+                                   "target_ongoing_requests": config.max_batch_size}}
 
 
 def serve_until_stopped(config: ServeConfig, stop: threading.Event | None = None, say=print) -> dict:

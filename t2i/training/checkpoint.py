@@ -62,9 +62,14 @@ def save(path: str | Path, *, model: torch.nn.Module, cfg: config_lib.Config, vo
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
-    tmp.replace(path)  # never leave a half-written model.pt behind
-    (path.parent / META).write_text(json.dumps({"format": FORMAT, "epoch": state["epoch"],
-                                                "metrics": state["metrics"], "data": state["data"]}))
+    model_bytes = tmp.stat().st_size
+    tmp.replace(path)  # never leave a half-written model.pt (or meta.json) behind
+    # Enough to rank, select and check a resume without reading the weights (runs in s3://).
+    meta = {"format": FORMAT, "epoch": state["epoch"], "metrics": state["metrics"], "data": state["data"],
+            "config": state["config"], "vocab_digest": vocab.digest(), "model_bytes": model_bytes}
+    meta_tmp = path.parent / f".{META}.tmp"
+    meta_tmp.write_text(json.dumps(meta))
+    meta_tmp.replace(path.parent / META)
     return path
 
 
@@ -172,6 +177,28 @@ def check_compatible(state: dict, cfg: config_lib.Config, where: str) -> None:
 
 
 RESUME_FIXED_OPTIM = ("name", "schedule")  # learning rates and betas may change on resume
+
+
+def check_resumable(model_path: str, cfg: config_lib.Config, vocab: Vocabulary | None, data: str) -> dict:
+    """The checkpoint a run would resume from, checked from its ``meta.json`` and the weight
+    file's size alone (the weights are read only to explain a vocabulary mismatch): same
+    model, optimizer and schedule, and, given the data's ``vocab``, the same vocabulary.
+    Returns the meta (or, for a checkpoint whose meta lacks these, the whole state)."""
+    meta = read_meta(model_path)
+    if not {"config", "vocab_digest", "model_bytes"} <= meta.keys():
+        state = read_state(model_path)
+        check_compatible(state, cfg, model_path)
+        if vocab is not None:
+            check_same_vocabulary(state, vocab, data, model_path)
+        return state
+    found = storage.size(model_path)
+    if found != meta["model_bytes"]:
+        raise CheckpointError(f"{model_path} is not a readable checkpoint (corrupt or truncated?): it has "
+                              f"{found} bytes, its {META} says {meta['model_bytes']}")
+    check_compatible(meta, cfg, model_path)
+    if vocab is not None and meta["vocab_digest"] != vocab.digest():
+        check_same_vocabulary(read_state(model_path), vocab, data, model_path)
+    return meta
 
 
 def check_same_vocabulary(state: dict, vocab: Vocabulary, data: str, where: str) -> None:

@@ -10,7 +10,6 @@ runs may live in a local folder or at a URI (``t2i.storage``).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ import ray
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from t2i import console, storage
 from t2i.config import Config, ConfigError
@@ -27,7 +28,9 @@ from t2i.data.feed import ExactEvalDataConfig, build_datasets, worker_shard_byte
 from t2i.data.prepare import ensure_shapes
 from t2i.data.text import Vocabulary
 from t2i.models import build_model, count_parameters
-from t2i.runtime.ray_env import data_cpu_budget, quiet_ray_data, start_ray, submitted_job_config, use_gpu
+from t2i.runtime.ray_env import (GPUUnavailableError, choose_cpus_per_worker, cuda_problem, data_cpu_budget,
+                                 node_shapes, quiet_ray_data,
+                                 small_cluster_settings, start_ray, submitted_working_dir, use_gpu)
 from t2i.runtime.relay import following
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training import encoders, run_files
@@ -35,16 +38,13 @@ from t2i.training.loop import DataInfo, WorkerPlan, train_func
 
 
 # ----------------------------------------------------------------------------- preflight
-def check_paths_under_job(cfg: Config, job_config_json: str | None) -> list[str]:
-    """Under ``ray job submit --working-dir``, the driver runs in Ray's temporary copy of the
-    working directory, which Ray deletes later: a relative ``train.storage_path`` would put
-    the run (checkpoints included) there, and a relative ``data.path`` points at data that
-    was never uploaded. Refuse those; a relative ``data.cache_dir`` only costs re-preparing
-    the shapes set, so it gets a warning (returned)."""
-    if not job_config_json:
-        return []
-    runtime_env = (json.loads(job_config_json).get("runtime_env") or {})
-    if not runtime_env.get("working_dir"):
+def check_paths_under_job(cfg: Config, working_dir: str | None) -> list[str]:
+    """Under ``ray job submit --working-dir`` (``working_dir``: its URI), the driver runs in
+    Ray's temporary copy of the working directory, which Ray deletes later: a relative
+    ``train.storage_path`` would put the run (checkpoints included) there, and a relative
+    ``data.path`` points at data that was never uploaded. Refuse those; a relative
+    ``data.cache_dir`` only costs re-preparing the shapes set, so it gets a warning (returned)."""
+    if not working_dir:
         return []
     where = f"Ray's temporary copy of the working directory ({os.getcwd()})"
     relative = {key: value for key, value in (("train.storage_path", cfg.train.storage_path),
@@ -80,11 +80,7 @@ def check_resume(run_dir: str, cfg: Config, vocab: Vocabulary | None = None, dat
     latest = ckpt_lib.latest_in_run(run_dir)
     if latest is None:
         return None
-    state = ckpt_lib.read_state(latest)
-    ckpt_lib.check_compatible(state, cfg, str(latest))
-    if vocab is not None:
-        ckpt_lib.check_same_vocabulary(state, vocab, str(data_root), str(latest))
-    return state
+    return ckpt_lib.check_resumable(str(latest), cfg, vocab, str(data_root))
 
 
 def usable_prompts(cfg: Config, manifest: dict, vocab: Vocabulary) -> tuple[str, ...]:
@@ -121,6 +117,44 @@ def _say(line: str) -> None:
     print(f"t2i: {line}", flush=True)
 
 
+@ray.remote(num_cpus=1)
+def _train_encoder(role: encoders.EncoderRole, root: str) -> dict:
+    """One dual encoder trained where compute is (a GPU node when the run uses GPUs)."""
+    import torch  # noqa: PLC0415 - on the worker
+
+    manifest = load_manifest(root, verify_checksums=False)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return encoders.load_or_train(role, root, manifest, load_vocabulary(root), device=device).state_dict()
+
+
+@ray.remote(num_cpus=0)
+class _TrainOnce:
+    """One per dataset and role, found by name: the first caller starts the training task,
+    every later caller (a concurrent Tune trial) awaits the same result."""
+
+    def __init__(self):
+        self.result = None
+
+    def start(self, role: encoders.EncoderRole, root: str, gpu: bool) -> list:
+        if self.result is None:
+            self.result = _train_encoder.options(num_gpus=1 if gpu else 0).remote(role, root)
+        return [self.result]  # in a list: the caller gets the reference, not a copy of the weights yet
+
+
+def shared_encoder(role: encoders.EncoderRole, root: str, manifest: dict, gpu: bool) -> dict:
+    """The frozen weights of ``role``'s encoder: read from the cache beside the data, or
+    trained once on the cluster (never in the driver, which Tune gives almost no CPU) and
+    cached there; concurrent trials share one training."""
+    cached = encoders.read_cached(role, root, manifest)
+    if cached is not None:
+        return cached
+    _say(f"training the {role.purpose} on the cluster (cached beside the data afterwards)")
+    once = _TrainOnce.options(name=f"t2i-encoder-{encoders.cache_key(role, manifest)}", namespace="t2i",
+                              get_if_exists=True).remote()
+    [result] = ray.get(once.start.remote(role, root, gpu))
+    return ray.get(result)
+
+
 @dataclass
 class TrainerPlan:
     """A ready ``TorchTrainer``, its run folder, and what :func:`console.run_line` says."""
@@ -133,10 +167,12 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
                  storage_override: str | None = None, fail_once_at_epoch: int = -1) -> TrainerPlan:
     """The TorchTrainer for ``cfg`` (also used by Tune trials). ``fail_once_at_epoch``: a
     fault drill for tests (a worker raises once in that epoch)."""
-    for warning in check_paths_under_job(cfg, submitted_job_config()):
+    for warning in check_paths_under_job(cfg, submitted_working_dir()):
         _say(f"warning: {warning}")
     data_root = resolve_data(cfg)
-    manifest = load_manifest(data_root)
+    # Sizes only: the checksums were written at preparation; hashing every shard here would
+    # read the whole data set (from S3) for every job and every Tune trial.
+    manifest = load_manifest(data_root, verify_checksums=False)
     for split in cfg.data.eval_splits:
         if split not in manifest["splits"]:
             raise ConfigError(f"data.eval_splits: {split!r} not in {data_root} (has {sorted(manifest['splits'])})")
@@ -150,24 +186,28 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     # The dashboard's Train view lists runs only when this is set in the driver (read there).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     gpu = use_gpu(cfg.train.use_gpu, cfg.train.num_workers)
+    cluster_cpus = ray.cluster_resources().get("CPU", 0)
+    cpus, cpus_reason = choose_cpus_per_worker(cfg.train.cpus_per_worker, gpu, cfg.train.num_workers, cluster_cpus,
+                                               node_shapes())
     aligner = None
-    if cfg.loss.align_weight > 0:  # trained once per dataset here on the driver, then cached
-        aligner = encoders.load_or_train(encoders.ALIGNMENT_LOSS, data_root, manifest, vocab, log=_say).state_dict()
+    if cfg.loss.align_weight > 0:
+        aligner = shared_encoder(encoders.ALIGNMENT_LOSS, data_root, manifest, gpu)
     plan = WorkerPlan(
         cfg=cfg, run_dir=str(run_dir), train_images=manifest["splits"]["train"]["images"],
         prompts=prompts, alignment_encoder=aligner, fail_once_at_epoch=fail_once_at_epoch,
         data=DataInfo(dataset=manifest["dataset"], path=str(data_root), image_size=manifest["image_size"],
                       max_words=manifest["max_words"], embedding=manifest["embedding"], mode=data_mode(cfg, manifest)))
     quiet_ray_data()  # before the datasets copy Ray Data's context
+    small_cluster_settings(cluster_cpus)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"plan": plan},
         # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+                                     resources_per_worker={"CPU": cpus},
                                      placement_strategy=cfg.train.placement_strategy),
         datasets=build_datasets(data_root, manifest, cfg.data.eval_splits,
-                                data_cpu_budget(cfg.train.data_cpu_limit, ray.cluster_resources().get("CPU", 0)),
+                                data_cpu_budget(cfg.train.data_cpu_limit, cluster_cpus),
                                 eval_captions=cfg.data.eval_captions, seed=cfg.train.seed),
         dataset_config=ExactEvalDataConfig(cfg.data.eval_splits),
         run_config=RunConfig(
@@ -180,10 +220,41 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     )
     facts = {"family": cfg.model.family, "parameters": count_parameters(build_model(cfg.model, vocab.vectors)),
              "dataset": manifest["dataset"], "train_images": plan.train_images,
-             "workers": cfg.train.num_workers, "cpus_per_worker": cfg.train.cpus_per_worker,
+             "workers": cfg.train.num_workers, "cpus_per_worker": cpus, "cpus_reason": cpus_reason,
+             "placement": cfg.train.placement_strategy,
              "device": "GPU" if gpu else "CPU", "data_mode": plan.data.mode,
              "start_epoch": resumed["epoch"] + 1 if resumed else 0, "epochs": cfg.train.epochs, "run_dir": run_dir}
     return TrainerPlan(trainer, run_dir, facts)
+
+
+@ray.remote(num_cpus=0)
+def _cuda_check() -> str | None:
+    return cuda_problem()
+
+
+def check_gpu_workers(facts: dict) -> None:
+    """Before training on GPUs: reserve each worker's bundle as Ray Train will (same
+    resources, same placement strategy) and try CUDA in every one, so a node whose driver
+    cannot run this torch stops the run with one line (t2i.runtime.ray_env.cuda_problem)
+    instead of a traceback from NCCL's setup in the middle of Ray Train's."""
+    if facts["device"] != "GPU":
+        return
+    if facts["workers"] == 0:  # local mode: the loop runs here
+        if problem := cuda_problem():
+            raise GPUUnavailableError(problem)
+        return
+    bundles = [{"CPU": facts["cpus_per_worker"], "GPU": 1}] * facts["workers"]
+    group = placement_group(bundles, strategy=facts["placement"], name="t2i-gpu-preflight")
+    try:
+        while not ray.wait([group.ready()], timeout=60)[0]:
+            _say(f"waiting for {len(bundles)} GPU worker slot(s) {bundles[0]} (an autoscaler may be starting nodes)")
+        problems = ray.get([_cuda_check.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=i)).remote() for i in range(len(bundles))])
+    finally:
+        remove_placement_group(group)
+    for problem in problems:
+        if problem:
+            raise GPUUnavailableError(problem)
 
 
 # ----------------------------------------------------------------------------- running
@@ -218,6 +289,7 @@ def fit(cfg: Config, fail_once_at_epoch: int = -1) -> dict:
             print(f"{plan.run_dir} already finished epoch {checkpoints[-1][0]}; raise train.epochs to train longer")
             return summarize(plan.run_dir)
         print(console.run_line(plan.facts), flush=True)
+        check_gpu_workers(plan.facts)
         error = None
         try:
             error = plan.trainer.fit().error

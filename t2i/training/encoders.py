@@ -12,6 +12,7 @@ Dinh et al. 2021), hence a second encoder for the loss. Both train on the train 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from dataclasses import dataclass
@@ -58,12 +59,13 @@ def mirror_ids(words: list[str]) -> np.ndarray | None:
 
 def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_image: np.ndarray,
                        vectors: np.ndarray, mirror: np.ndarray | None, epochs: int = 6, batch: int = 128,
-                       seed: int = 0, width: int = 32, log=print) -> DualEncoder:
+                       seed: int = 0, width: int = 32, log=print, device: str = "cpu") -> DualEncoder:
     """images (N, H, W, 3) uint8; caption_ids (M, L); caption_image (M,) index into images;
-    mirror: :func:`mirror_ids` of the vocabulary (None: no flip augmentation)."""
+    mirror: :func:`mirror_ids` of the vocabulary (None: no flip augmentation). Returns the
+    model in eval mode on the CPU."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = DualEncoder(vectors, width=width)
+    model = DualEncoder(vectors, width=width).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     by_image = [[] for _ in range(len(images))]
     for row, img in enumerate(caption_image):
@@ -79,8 +81,8 @@ def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_imag
             imgs, ids = to_float(images[idx]), caption_ids[caps]
             if mirror is not None and rng.random() < 0.5:
                 imgs, ids = imgs.flip(3), mirror[ids]
-            loss = contrastive_loss(model.embed_images(imgs), model.embed_text(torch.as_tensor(ids).long()),
-                                    model.log_scale)
+            loss = contrastive_loss(model.embed_images(imgs.to(device)),
+                                    model.embed_text(torch.as_tensor(ids).long().to(device)), model.log_scale)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -88,7 +90,7 @@ def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_imag
                 model.log_scale.clamp_(max=math.log(100.0))
             total += loss.item()
         log(f"dual encoder epoch {epoch}: contrastive loss {total / max(1, len(order) // batch):.3f}")
-    return model.eval()
+    return model.cpu().eval()
 
 
 def build(role: EncoderRole, vectors: np.ndarray, state: dict | None = None) -> DualEncoder:
@@ -109,26 +111,40 @@ def _fingerprint(role: EncoderRole, manifest: dict) -> str:
     return f"{shards}/seed={role.seed}/width={role.width}/{TRAINING_VERSION}"
 
 
+def read_cached(role: EncoderRole, root: str, manifest: dict) -> dict | None:
+    """The ``role`` encoder's weights cached beside the prepared data, if they were trained
+    on these train shards with these settings (None otherwise)."""
+    path = storage.join(root, role.file)
+    if not storage.is_file(path):
+        return None
+    state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+    return state["model"] if state.get("fingerprint") == _fingerprint(role, manifest) else None
+
+
 def load_or_train(role: EncoderRole, root: str, manifest: dict, vocab, train: dict | None = None,
-                  log=print) -> DualEncoder:
+                  log=print, device: str = "cpu") -> DualEncoder:
     """The ``role`` encoder for this prepared dataset: read from its cache file when that
     was trained on the same train shards with the same settings, else trained (on
-    ``train``, the train split's arrays, read here when not given) and cached."""
+    ``train``, the train split's arrays, read here when not given) and cached (written
+    whole: a reader never sees half a file)."""
+    cached = read_cached(role, root, manifest)
+    if cached is not None:
+        return build(role, vocab.vectors, cached)
     path = storage.join(root, role.file)
-    fingerprint = _fingerprint(role, manifest)
-    if storage.is_file(path):
-        state = torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            return build(role, vocab.vectors, state["model"])
     log(f"training the {role.purpose} on the train split (cached afterwards in {path})")
     if train is None:
         train = read_split_arrays(root, manifest, "train")
     model = train_dual_encoder(train["images"], train["word_ids"], train["caption_image"], vocab.vectors,
-                               mirror_ids(vocab.words), seed=role.seed, width=role.width, log=log)
+                               mirror_ids(vocab.words), seed=role.seed, width=role.width, log=log, device=device)
     buffer = io.BytesIO()
-    torch.save({"fingerprint": fingerprint, "model": model.state_dict()}, buffer)
+    torch.save({"fingerprint": _fingerprint(role, manifest), "model": model.state_dict()}, buffer)
     try:
         storage.write_bytes(path, buffer.getvalue())
     except OSError as exc:  # a read-only dataset folder: still usable, uncached
         log(f"could not cache the {role.purpose} at {path}: {exc}")
     return build(role, vocab.vectors, model.state_dict())
+
+
+def cache_key(role: EncoderRole, manifest: dict) -> str:
+    """A short name for one role's encoder of one prepared dataset."""
+    return hashlib.sha256(_fingerprint(role, manifest).encode()).hexdigest()[:16]

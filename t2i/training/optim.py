@@ -46,8 +46,7 @@ def extend_schedule(scheduler, epochs: int) -> None:
     lrs = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * t / scheduler.T_max)) / 2
            for base in scheduler.base_lrs]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
-        group["lr"] = lr
-    scheduler._last_lr = lrs  # what get_last_lr() reports
+        group["lr"] = lr  # the scheduler's next step continues from here (its chainable form)
 
 
 def clip_and_step(loss: torch.Tensor, module: torch.nn.Module, optimizer: torch.optim.Optimizer,

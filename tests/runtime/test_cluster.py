@@ -464,3 +464,144 @@ def test_onprem_pins_every_ray_port_and_the_firewall_table_lists_them():
             low, _, high = part.strip().partition("-")
             listed |= set(range(int(low), int(high or low) + 1))
     assert ports <= listed, sorted(ports - listed)
+
+
+# ----------------------------------------------------------------------------- a cluster, not a laptop
+def ray_clusters_in_k8s() -> list[tuple[str, dict, dict]]:
+    """(file, resource, its RayCluster spec) for every Ray cluster the manifests create."""
+    found = []
+    for name, doc in k8s_docs():
+        if doc["kind"] in ("RayCluster", "RayJob", "RayService"):
+            found.append((name, doc, doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig")
+                          or doc["spec"]))
+    return found
+
+
+def pod_groups(spec: dict) -> list[dict]:
+    return [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+
+
+def test_every_shipped_cluster_turns_token_auth_on():
+    for path in LAUNCHER_CONFIGS:
+        config = yaml.safe_load(path.read_text())
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            start = next(c for c in config[key] if " start " in c)
+            assert start.index("RAY_AUTH_MODE=token") < start.index("ray start"), f"{path.name} {key}: {start}"
+        # The same token on every node: the one `ray get-auth-token --generate` wrote where `ray up` runs.
+        assert config["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", path.name
+    for name, doc, spec in ray_clusters_in_k8s():
+        assert spec.get("authOptions", {}).get("mode") == "token", f"{name}: {doc['kind']} without token auth"
+    docs = (REPO / "cluster" / "README.md").read_text()
+    assert "ray get-auth-token" in docs and "RAY_AUTH_MODE=token" in docs
+
+
+def test_every_ray_cluster_in_k8s_has_its_network_policy():
+    policies = [doc for _, doc in k8s_docs() if doc["kind"] == "NetworkPolicy"]
+    for name, doc, spec in ray_clusters_in_k8s():
+        labels = [g["template"].get("metadata", {}).get("labels", {}).get("t2i/cluster") for g in pod_groups(spec)]
+        assert len(set(labels)) == 1 and labels[0], f"{name}: every pod of a cluster carries one t2i/cluster label"
+        mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("t2i/cluster") == labels[0]]
+        assert len(mine) == 1, f"{name}: no NetworkPolicy selects t2i/cluster={labels[0]}"
+        rules = mine[0]["spec"]["ingress"]
+        assert all(rule.get("from") for rule in rules), f"{name}: an ingress rule open to every source"
+        ray_rule = next(r for r in rules if "ports" not in r)  # Ray's ports: own pods and the operator only
+        sources = [src.get("podSelector", {}).get("matchLabels") for src in ray_rule["from"]]
+        assert sources == [{"t2i/cluster": labels[0]}, {"app.kubernetes.io/name": "kuberay-operator"}], name
+        assert "kuberay-system" not in json.dumps(mine[0]), f"{name}: the operator's namespace is hard-coded"
+        # Code and credentials: the t2i-ray service account, and images that never go stale on a node.
+        for group in pod_groups(spec):
+            assert group["template"]["spec"].get("serviceAccountName") == "t2i-ray", name
+            for container in group["template"]["spec"]["containers"]:
+                assert container.get("imagePullPolicy") == "Always" or "@sha256:" in container["image"], name
+
+
+def test_kubernetes_jobs_release_gpus_and_services_scale():
+    job = next(doc for _, doc, _ in ray_clusters_in_k8s() if doc["kind"] == "RayJob")["spec"]
+    assert job["shutdownAfterJobFinishes"] and job["ttlSecondsAfterFinished"] <= 300  # no idle GPU hour
+    service = next(doc for _, doc, _ in ray_clusters_in_k8s() if doc["kind"] == "RayService")
+    cluster = service["spec"]["rayClusterConfig"]
+    if any(g["maxReplicas"] > g["replicas"] for g in cluster["workerGroupSpecs"]):
+        assert cluster.get("enableInTreeAutoscaling") is True  # else KubeRay never adds the pods
+        (app,) = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]
+        assert app["args"]["max_replicas"] > app["args"]["replicas"]  # and Serve asks for them
+
+
+def test_cluster_configs_leave_small_machine_settings_to_t2i():
+    """0.45 CPU per worker, one Parquet footer reader and data CPU caps suit a 2-core machine and
+    starve a cluster: t2i chooses them itself where the whole cluster is that small."""
+    runtime_env = yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())
+    job = next(doc for _, doc, _ in ray_clusters_in_k8s() if doc["kind"] == "RayJob")["spec"]
+    for text in (json.dumps(runtime_env), job["runtimeEnvYAML"], job["entrypoint"]):
+        for setting in ("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "cpus_per_worker", "data_cpu_limit"):
+            assert setting not in text
+    from t2i.config import Config
+
+    assert Config().train.cpus_per_worker == 0  # auto: chosen from the cluster's shape
+
+
+def test_gpu_nodes_boot_a_driver_that_fits_the_torch_build():
+    import torch
+
+    aws = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
+    for name, node_type in aws["available_node_types"].items():
+        image = node_type["node_config"].get("ImageId", "")
+        # Not the launcher's default (a CUDA 11.2-era Deep Learning AMI): a current NVIDIA driver.
+        assert "base-oss-nvidia-driver" in image or image.startswith("ami-"), name
+    readme = (REPO / "cluster" / "README.md").read_text()
+    assert "First GPU run" in readme
+    if torch.version.cuda:  # the wheel requirements.txt pins, and the driver it needs, as the README says
+        major = torch.version.cuda.split(".")[0]
+        from t2i.runtime.ray_env import MIN_DRIVER_FOR_CUDA
+
+        assert f"CUDA {major}" in readme and f">= {MIN_DRIVER_FOR_CUDA[major]}" in readme
+
+
+def test_onprem_nodes_run_the_venvs_ray_and_python():
+    config = yaml.safe_load((REPO / "cluster" / "onprem.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if " start " in c)
+        # Ray runs a job's entrypoint in a shell with the node's PATH: `python` must be the venv's.
+        assert 'export PATH="$HOME/t2i/.venv/bin:$PATH"' in start and start.index("PATH=") < start.index("ray start")
+
+
+@pytest.fixture()
+def gpu_shaped_cluster():
+    """A head (2 CPUs) and one worker node declaring a g5.2xlarge's shape (8 CPUs, 1 GPU)."""
+    port, dashboard_port = local_cluster.free_port(), local_cluster.free_port()
+    state = Path(f"/tmp/t2i-cluster-{port}")
+    cli = [sys.executable, str(REPO / "cluster" / "local.py"), "--port", str(port)]
+    started = subprocess.run([*cli, "start", "--workers", "1", "--dashboard-port", str(dashboard_port),
+                              "--head-cpus", "2", "--worker-cpus", "8", "--worker-gpus", "1"],
+                             capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        yield {"dashboard": json.loads(started.stdout)["dashboard"],
+               "nodes": {n["name"]: n["node_id"] for n in json.loads((state / "state.json").read_text())["nodes"]}}
+    finally:
+        subprocess.run([*cli, "stop", "--grace", "3", "--remove"], capture_output=True, text=True, timeout=120)
+
+
+def test_a_gpu_cluster_gets_gpu_workers_and_a_clear_stop_without_cuda(gpu_shaped_cluster, shapes_dir, tmp_path):
+    """use_gpu = "auto" on a cluster whose node declares a GPU: one GPU and 75% of the node's
+    CPUs per worker, placed on the GPU node; this machine has no CUDA, so the worker's
+    preflight stops the run with one line naming the node, its driver and torch's CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a working CUDA: the preflight would pass")
+    dashboard = gpu_shaped_cluster["dashboard"]
+    job = submit(dashboard, "python", "train_job.py", "--smoke-test", "--data", str(shapes_dir),
+                 "--set", f"train.storage_path={tmp_path}", "--set", "train.name=gpu", "--set", "train.max_failures=0",
+                 submission_id="t2i-gpu")
+    logs = job.stdout + job.stderr
+    assert job_status(dashboard, "t2i-gpu") == "FAILED", logs[-3000:]
+    assert "1 worker x 6 CPU (75% of a GPU node's 8 CPUs per GPU) on GPU" in logs, logs[-3000:]
+    assert "a GPU was granted but CUDA is unusable on node" in logs and "NVIDIA driver not found" in logs, logs[-4000:]
+    assert f"built for CUDA {torch.version.cuda}" in logs
+    # What Ray was asked for: the worker's bundle, on the node that has the GPU.
+    groups = [g for g in local_cluster.dashboard_get(dashboard, "/api/v0/placement_groups?detail=1&limit=100")
+              ["data"]["result"]["result"] if any("GPU" in b.get("unit_resources", {}) for b in g.get("bundles", []))]
+    assert groups, "no placement group asked for a GPU"
+    bundle = next(b for b in groups[-1]["bundles"] if "GPU" in b["unit_resources"])
+    assert bundle["unit_resources"] == {"CPU": 6.0, "GPU": 1.0}
+    assert bundle.get("node_id") in (None, gpu_shaped_cluster["nodes"]["worker1"])

@@ -298,10 +298,9 @@ def test_relative_paths_are_refused_under_ray_job_submit():
     code: a relative run folder would be deleted with it."""
     from t2i.training.driver import check_paths_under_job
 
-    submitted = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_abc.zip"}, "metadata": {}})
+    submitted = "gcs://_ray_pkg_abc.zip"  # the driver's runtime_env["working_dir"] under `ray job submit`
     cfg = config_lib.Config()  # train.storage_path = "runs", data.cache_dir = "data/cache"
-    assert check_paths_under_job(cfg, None) == []  # plain `python train_job.py`
-    assert check_paths_under_job(cfg, json.dumps({"runtime_env": {}})) == []  # a job without a working dir
+    assert check_paths_under_job(cfg, None) == []  # plain `python train_job.py`, or a job without a working dir
     with pytest.raises(ConfigError, match=r"train.storage_path='runs': relative paths resolve inside Ray's temporary"):
         check_paths_under_job(cfg, submitted)
     cfg.train.storage_path = "/shared/runs"
