@@ -131,7 +131,8 @@ def test_driver_prints_one_line_per_epoch(two_worker_run):
     """The epoch lines come from the Train controller through the relay to the driver."""
     summary, _, console = two_worker_run
     lines = console.strip().splitlines()
-    assert lines[0].startswith("t2i: seed (") and "2 workers x 0.45 CPU on CPU" in lines[0] and "data: cache" in lines[0]
+    assert lines[0].startswith("t2i: seed (") and "data: cache" in lines[0]
+    assert "2 workers x 0.45 CPU (small-machine profile: the cluster has 2 CPUs) on CPU" in lines[0]
     epochs = [line for line in lines if line.startswith("epoch ")]
     assert [line.split(" | ")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
     assert all("dev MSE from caption" in line and "img/s" in line and "ETA" in line for line in epochs)
