@@ -19,6 +19,9 @@ from t2i.errors import T2IError
 # Only t2i's own errors (ConfigError, DatasetError, CheckpointError, UnknownCaptionError, ...)
 # are the user's to fix; any other exception is a bug and keeps its traceback.
 USER_ERRORS = (T2IError,)
+# Checkpoints and prepared data appear whole or not at all, so a stopped command loses only
+# the epoch (or preparation) under way.
+INTERRUPTED = "t2i: interrupted (Ctrl-C); what was finished is kept: the same command resumes a run"
 
 
 def run_job(work) -> int:
@@ -29,6 +32,9 @@ def run_job(work) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        return 130
     finally:
         if "ray" in sys.modules:  # leave no raylet/gcs behind, even after Ctrl-C
             sys.modules["ray"].shutdown()
@@ -196,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        return 130
     if args.command == "prepare":
         result = {**result, "out": args.out}
     print(json.dumps(args.show(result) if hasattr(args, "show") else result))

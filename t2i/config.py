@@ -9,6 +9,8 @@ so a typo fails before a worker starts.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -149,13 +151,18 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value.lower() in ("true", "1", "yes")
     elif typ in (int, float):
         exact = (int, float) if typ is float else int  # an int field never takes 2.5
+        number = None
         if isinstance(value, exact) and not isinstance(value, bool):
-            return typ(value)
-        if isinstance(value, str):
+            number = typ(value)
+        elif isinstance(value, str):
             try:
-                return typ(value)
+                number = typ(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan and inf pass every range check below
+                raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -216,7 +223,9 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            apply(cfg, tomllib.loads(path.read_text()))
+            apply(cfg, tomllib.loads(path.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
         except ConfigError as exc:
@@ -232,6 +241,10 @@ def from_dict(values: dict[str, dict[str, Any]]) -> Config:
     cfg = apply(Config(), values)
     validate(cfg)
     return cfg
+
+
+MIN_SHAPES = 50  # the built-in set needs some images in each of its splits
+SAFE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}")  # a run folder never escapes storage_path
 
 
 def validate(cfg: Config) -> None:
@@ -266,8 +279,24 @@ def validate(cfg: Config) -> None:
         problems.append("loss.align_weight must be >= 0")
     if cfg.loss.align_weight > 0 and cfg.model.family != "gan":
         problems.append("loss.align_weight is a gan-family term (the VAEs never use it); set it to 0")
+    for key, value, low in (("optim.grad_clip", cfg.optim.grad_clip, 0), ("optim.weight_decay", cfg.optim.weight_decay, 0),
+                            ("optim.gamma", cfg.optim.gamma, 0), ("loss.gp_weight", cfg.loss.gp_weight, 0),
+                            ("train.cpus_per_worker", cfg.train.cpus_per_worker, 0),
+                            ("train.data_cpu_limit", cfg.train.data_cpu_limit, 0), ("train.torch_threads", cfg.train.torch_threads, 0),
+                            ("train.keep_best", cfg.train.keep_best, 1), ("train.max_failures", cfg.train.max_failures, -1),
+                            ("optim.patience", cfg.optim.patience, 0), ("data.samples_per_prompt", cfg.data.samples_per_prompt, 1),
+                            ("data.shapes_n", cfg.data.shapes_n, MIN_SHAPES), ("loss.kl_warmup_epochs", cfg.loss.kl_warmup_epochs, 0)):
+        if value < low:
+            problems.append(f"{key} must be >= {low}, got {value}" + (" (-1: retry without end)" if low == -1 else ""))
+    if cfg.train.name and not SAFE_NAME.fullmatch(cfg.train.name):
+        problems.append(f"train.name {cfg.train.name!r} must be one folder name: letters, digits, '.', '_', '-' "
+                        "(not '.' or '..')")
     if problems:
         raise ConfigError("; ".join(problems))
+    from t2i.models import size_problem  # noqa: PLC0415 - the models import this module's ModelConfig
+
+    if problem := size_problem(cfg.model):
+        raise ConfigError(problem)
 
 
 def _toml_value(value: Any) -> str:

@@ -10,6 +10,7 @@ image name (80/10/10).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 import io
@@ -68,8 +69,22 @@ def detect_layout(src: Path) -> str:
 
 
 def _lines(path: Path, skips: SkipLog):
-    """Decoded lines of a text file; lines that are not UTF-8 are skipped and counted."""
-    for raw in path.read_bytes().splitlines():
+    """Decoded lines of a text file: UTF-8 (with or without Excel's byte-order mark) or
+    UTF-16 with its mark; single lines that are not UTF-8 are skipped and counted."""
+    data = path.read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            yield from data.decode("utf-16").splitlines()
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 ({exc.reason}); "
+                               "save it as UTF-8") from None
+        return
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    if data[:200].count(0) > 20:  # every other byte zero: UTF-16 (or UTF-32) saved without a mark
+        raise DatasetError(f"{path}: looks like UTF-16 or UTF-32 text without a byte-order mark; "
+                           "save it as UTF-8 (or UTF-16 with its mark)")
+    for raw in data.splitlines():
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -97,7 +112,14 @@ def _read_kaggle_csv(path: Path, skips: SkipLog) -> dict[str, list[str]]:
     header = next(reader, None)
     if header is None or [h.strip().lower() for h in header[:2]] != ["image", "caption"]:
         raise DatasetError(f"{path}: expected a CSV header 'image,caption', got {header!r}")
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over the csv module's 131,072 characters
+            skips.add("unreadable CSV row", f"{path.name} line {reader.line_num}: {exc}")
+            continue
         if not row:
             continue
         if len(row) < 2 or not row[0].strip() or not ",".join(row[1:]).strip():

@@ -35,6 +35,10 @@ from t2i.data.dataset import FORMAT, DatasetError
 from t2i.data.flickr8k import SkipLog
 from t2i.data.text import UnknownCaptionError, Vocabulary, describe_source, load_glove, vocabulary_for
 MAX_WORDS = 32
+# Formats Pillow reads that photo sets use; a GIF or TIFF gives its first frame.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
+MAX_DECODED_PIXELS = 40_000_000  # ~120 MB of RGB per decoding process
+SIZES = (8, 512)  # output side in pixels, inclusive
 FLICKR8K_PROMPTS = (
     "Two helmeted men sit on yellow snowmobiles while another man stands behind watching",
     "The small child climbs on a red ropes on a playground",
@@ -124,6 +128,9 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     place, and a later one without ``overwrite`` keeps the finished folder and drops its own
     copy instead of deleting files the other may be reading."""
     out = Path(out)
+    blocking = next((p for p in [out, *out.parents] if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DatasetError(f"--out {out}: {blocking} is a file, not a folder")
     check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -165,9 +172,13 @@ def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips
 
 
 def load_image(path: Path, size: int) -> bytes:
-    """Decode, centre-crop to square and resize to ``size``; raises on a corrupt file."""
+    """Decode, centre-crop to square and resize to ``size``; raises on a corrupt file or one
+    that would decode to more than ``MAX_DECODED_PIXELS`` (a decompression bomb)."""
     with Image.open(path) as img:
-        img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos fast
+        img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos at 1/2..1/8 size
+        if img.width * img.height > MAX_DECODED_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels to decode, over the "
+                             f"{MAX_DECODED_PIXELS / 1e6:.0f}-megapixel limit")
         img = img.convert("RGB")
         img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.uint8).tobytes()
@@ -197,11 +208,16 @@ def write_manifest(root: Path, **fields) -> dict:
 
 def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: str | None = None,
                      shard_rows: int = 1000, overwrite: bool = False, workers: int | None = None) -> dict:
+    if not SIZES[0] <= size <= SIZES[1]:
+        raise DatasetError(f"--size {size}: the output side must be {SIZES[0]}-{SIZES[1]} pixels (t2i trains at 64)")
     skips = SkipLog()
     source = flickr8k.read_source(src, skips)
-    on_disk = {p.name for p in source.image_dir.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")}
+    files = {p.name: p for p in source.image_dir.iterdir() if p.is_file()}
+    on_disk = {name for name, p in files.items() if p.suffix.lower() in IMAGE_SUFFIXES}
     for name, caps in source.captions.items():
-        if name not in on_disk:
+        if name in files and name not in on_disk:
+            skips.add(f"image format not read ({files[name].suffix or 'no suffix'})", name, n=len(caps))
+        elif name not in on_disk:
             skips.add("captions for a missing image", name, n=len(caps))
     chosen: dict[str, list[str]] = {}
     for name in sorted(on_disk):

@@ -140,7 +140,11 @@ def load_glove(glove_path: str | Path | None, words: Iterable[str] | None = None
                 word, _, rest = line.rstrip("\n").partition(" ")
                 if wanted_set is not None and word not in wanted_set:
                     continue
-                vec = np.array(rest.split(" "), dtype=np.float32)
+                try:
+                    vec = np.array(rest.split(" "), dtype=np.float32)
+                except ValueError:
+                    raise T2IError(f"{path}:{line_no}: not a GloVe line (a word, then numbers): "
+                                   f"{line[:60]!r}") from None
                 if dim is None:
                     dim = vec.size
                 if vec.size != dim or dim == 0:

@@ -31,10 +31,30 @@ def build_discriminator(cfg: ModelConfig, vectors: np.ndarray) -> Discriminator:
     return critic
 
 
+# Training state per parameter: fp32 weights, gradients and two Adam moments.
+TRAINING_BYTES_PER_PARAMETER = 16
+MAX_PARAMETERS = 1_000_000_000  # 16 GB of training state: far past any 64x64 model here
+
+
+def size_problem(cfg: ModelConfig, vocab_size: int = 10_000, embed_dim: int = 50) -> str | None:
+    """Why ``cfg`` describes a model too large to train (None if it fits), counted on
+    PyTorch's meta device: no memory is allocated, whatever the size."""
+    with torch.device("meta"):
+        model = GENERATORS[cfg.family](vocab_size=vocab_size, embed_dim=embed_dim, text_encoder=cfg.text_encoder,
+                                       latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width,
+                                       dropout=cfg.dropout, decoder=cfg.decoder)
+    params = count_parameters(model)
+    if params <= MAX_PARAMETERS:
+        return None
+    return (f"model.width={cfg.width}, model.hidden={cfg.hidden}, model.latent_dim={cfg.latent_dim} make a "
+            f"{params / 1e6:,.0f}M-parameter {cfg.family} (~{params * TRAINING_BYTES_PER_PARAMETER / 1e9:,.0f} GB "
+            f"to train); at most {MAX_PARAMETERS / 1e6:,.0f}M")
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Trainable parameters (the frozen GloVe table is a buffer, not counted)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["build_model", "build_discriminator", "count_parameters", "TextToImage", "TextToImageVAE", "VAEOutput",
+__all__ = ["build_model", "build_discriminator", "count_parameters", "size_problem", "TextToImage", "TextToImageVAE", "VAEOutput",
            "SeedVAE", "CVAE", "GANGenerator", "Discriminator", "GENERATORS"]

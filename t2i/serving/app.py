@@ -8,7 +8,7 @@ Routes (FastAPI ingress, Ray Serve docs "Set up FastAPI and HTTP"):
   GET  /                 one self-contained page (no CDN): caption, n, seed, Generate
   POST /api/generate     {"caption", "n", "seed"} -> {"images": [base64 PNG], "words", "unknown", ...}
   GET  /api/generate.png ?caption=...&n=...&seed=... -> one PNG grid
-  GET  /api/model        family, data set, epoch, checkpoint, device
+  GET  /api/model        family, data set, epoch, run name, device
   GET  /healthz          {"status": "ok"} once the model is loaded
 
 Concurrent requests share one forward pass (``@serve.batch``); each keeps its own seed's
@@ -50,6 +50,9 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.01  # how long a first request waits for company
     num_cpus: float = 1.0            # per replica; its torch threads follow this
     use_gpu: str = "auto"            # "auto": one GPU per replica when the cluster has (or can start) them
+    body_timeout_s: float = 5.0      # a request body not complete by then: 408 (slow clients hold no slot)
+    request_timeout_s: float = 30.0  # the proxy's limit for a whole request (`python -m t2i serve`)
+    keep_alive_timeout_s: float = 5.0  # idle keep-alive connections close after this (`python -m t2i serve`)
 
     @classmethod
     def from_args(cls, args: dict) -> "ServeConfig":
@@ -72,8 +75,10 @@ class ServeConfig:
         config.use_gpu = config.use_gpu.lower()  # YAML's `use_gpu: true` arrives as a bool
         if not 1 <= config.port <= 65535:
             raise ConfigError(f"port must be 1-65535, got {config.port}")
-        if config.replicas < 1 or config.max_batch_size < 1 or config.num_cpus <= 0:
-            raise ConfigError("replicas, max_batch_size and num_cpus must be positive")
+        positive = ("replicas", "max_batch_size", "num_cpus", "body_timeout_s", "request_timeout_s",
+                    "keep_alive_timeout_s")
+        if not all(getattr(config, name) > 0 for name in positive):
+            raise ConfigError(f"{', '.join(positive)} must be positive")
         if config.max_replicas and config.max_replicas < config.replicas:
             raise ConfigError(f"max_replicas ({config.max_replicas}) is below replicas ({config.replicas})")
         if config.use_gpu not in ("auto", "true", "false"):
@@ -83,23 +88,51 @@ class ServeConfig:
 
 api = FastAPI(title="t2i", docs_url=None, redoc_url=None, openapi_url=None)  # no CDN-served docs pages
 
+# The page loads nothing from elsewhere: its own inline script and style, PNGs as data: URLs,
+# and fetches to this origin only; no site may frame it.
+PAGE_POLICY = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
+               "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
+                    "Referrer-Policy": "no-referrer"}
+
+
+@api.middleware("http")
+async def _security_headers(request: Request, call_next):
+    response = await call_next(request)
+    response.headers.update(SECURITY_HEADERS)
+    if response.headers.get("content-type", "").startswith("text/html"):
+        response.headers["Content-Security-Policy"] = PAGE_POLICY
+    return response
+
 
 @api.exception_handler(RequestError)
 async def _refuse(request: Request, exc: RequestError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused past MAX_BODY_BYTES without reading the rest into memory."""
+async def _read_body(request: Request, timeout_s: float) -> bytes:
+    """A JSON body, refused past MAX_BODY_BYTES without reading the rest into memory, and
+    when it is not complete within ``timeout_s`` (a trickling client holds no slot for long).
+    Other content types are refused: a cross-site form or ``text/plain`` POST cannot draw."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise RequestError(f"send the request as application/json, not {kind or 'no content type'}", status=415)
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise RequestError(f"request body is {declared} bytes; at most {MAX_BODY_BYTES}", status=413)
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise RequestError(f"request body is over {MAX_BODY_BYTES} bytes", status=413)
-    return body
+
+    async def read() -> bytes:
+        body = b""
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise RequestError(f"request body is over {MAX_BODY_BYTES} bytes", status=413)
+        return body
+
+    try:
+        return await asyncio.wait_for(read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestError(f"request body not complete within {timeout_s:g} s", status=408) from None
 
 
 def render_page(facts: dict) -> str:
@@ -117,12 +150,13 @@ def render_page(facts: dict) -> str:
 class CaptionServer:
     """One replica: the checkpoint loaded once, a batcher in front of it."""
 
-    def __init__(self, checkpoint: str, max_batch_size: int, batch_wait_timeout_s: float, num_cpus: float):
-        torch.set_num_threads(max(1, int(num_cpus)))  # Ray sets OMP_NUM_THREADS=1 in workers
+    def __init__(self, checkpoint: str, config: ServeConfig):
+        torch.set_num_threads(max(1, int(config.num_cpus)))  # Ray sets OMP_NUM_THREADS=1 in workers
         self.generator = CaptionGenerator(checkpoint)
         self.page = render_page(self.generator.facts)
-        self.draw_batch.set_max_batch_size(max_batch_size)
-        self.draw_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.body_timeout_s = config.body_timeout_s
+        self.draw_batch.set_max_batch_size(config.max_batch_size)
+        self.draw_batch.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def draw_batch(self, requests: list[GenerationRequest]):
@@ -134,21 +168,22 @@ class CaptionServer:
         self.generator.read(request)  # a caption of unknown words fails alone, not its batch
         return await self.draw_batch(request)
 
-    @api.get("/", response_class=HTMLResponse)
+    # HEAD too: load balancers and uptime checks ask with it.
+    @api.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page(self) -> HTMLResponse:
         return HTMLResponse(self.page)
 
-    @api.get("/healthz")
+    @api.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/api/model")
+    @api.api_route("/api/model", methods=["GET", "HEAD"])
     async def model(self) -> dict:
-        return self.generator.facts
+        return self.generator.public_facts
 
     @api.post("/api/generate")
     async def generate(self, request: Request) -> JSONResponse:
-        drawing = await self._draw(request_from_json(await _read_body(request)))
+        drawing = await self._draw(request_from_json(await _read_body(request, self.body_timeout_s)))
         return JSONResponse(drawing.as_json())
 
     @api.get("/api/generate.png")
@@ -194,7 +229,7 @@ def build_app(args: dict):
     return CaptionServer.options(
         **replica_count(config),
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": replica_gpus(config)},
-    ).bind(location, config.max_batch_size, config.batch_wait_timeout_s, config.num_cpus)
+    ).bind(location, config)
 
 
 def replica_count(config: ServeConfig) -> dict:
@@ -216,7 +251,8 @@ def serve_until_stopped(config: ServeConfig, stop: threading.Event | None = None
         say(f"t2i: warning: serving on {config.host}: anyone who can reach this port can use the model; "
             "put it behind an authenticating proxy (README: Try it in the browser)")
     start_ray()
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(http_options={"host": config.host, "port": config.port, "request_timeout_s": config.request_timeout_s,
+                              "keep_alive_timeout_s": config.keep_alive_timeout_s})
     serve.run(build_app(dataclasses.asdict(config)), name=APP_NAME, route_prefix="/")
     url = f"http://{reachable_host(config.host)}:{config.port}/"
     say(f"t2i: serving {facts['family']} ({facts['dataset']}, epoch {facts['epoch']}) at {url} - Ctrl-C stops")

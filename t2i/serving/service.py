@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from t2i import storage
 from t2i.errors import T2IError
 from t2i.generation.generate import max_words_of
 from t2i.generation.grid import grid_image, png_bytes, to_uint8
@@ -53,9 +54,20 @@ def _integer(value, name: str, low: int, high: int) -> int:
     return value
 
 
+def _unicode(text: str, what: str) -> str:
+    """``text`` if it can be written back as UTF-8 (JSON's \\ud800 escapes decode to lone
+    surrogates, which no response can carry)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode (a lone surrogate such as \\ud800)") from None
+    return text
+
+
 def _caption(value) -> str:
     if not isinstance(value, str):
         raise RequestError(f"caption must be a string, got {json.dumps(value)[:40]}")
+    _unicode(value, "caption")
     if not value.strip():
         raise RequestError("caption is empty")
     if len(value) > MAX_CAPTION_CHARS:
@@ -72,8 +84,12 @@ def request_from_json(body: bytes) -> GenerationRequest:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f"request body is not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." nested deeper than Python's stack, within 4 KiB
+        raise RequestError("request body is nested too deeply; send a flat JSON object") from None
     if not isinstance(fields, dict):
         raise RequestError("request body must be a JSON object like {\"caption\": \"a red circle\", \"n\": 4, \"seed\": 0}")
+    for key in fields:
+        _unicode(key, "a field name")
     unknown = sorted(set(fields) - {"caption", "n", "seed"})
     if unknown:
         raise RequestError(f"unknown field(s) {', '.join(unknown)}; expected caption, n, seed")
@@ -85,6 +101,8 @@ def request_from_json(body: bytes) -> GenerationRequest:
 
 def request_from_query(params: Mapping[str, str]) -> GenerationRequest:
     """The same request from URL query strings (``?caption=...&n=4&seed=0``)."""
+    for key in params:
+        _unicode(key, "a parameter name")
     unknown = sorted(set(params) - {"caption", "n", "seed"})
     if unknown:
         raise RequestError(f"unknown parameter(s) {', '.join(unknown)}; expected caption, n, seed")
@@ -126,6 +144,12 @@ class Drawing:
         return png_bytes(grid_image(tiles, [self.request.caption]))
 
 
+def run_name_of(model_path: str) -> str:
+    """``runs/f8k-gan/checkpoint_x/model.pt`` -> ``f8k-gan`` (the folder a checkpoint's run lives in)."""
+    checkpoint_folder = storage.parent(str(model_path))
+    return storage.name(storage.parent(checkpoint_folder)) or storage.name(checkpoint_folder)
+
+
 class CaptionGenerator:
     """A checkpoint ready to draw: loaded once, on ``device``."""
 
@@ -148,6 +172,11 @@ class CaptionGenerator:
             "checkpoint": self.location,
             "device": str(self.device),
         }
+
+    @property
+    def public_facts(self) -> dict:
+        """What ``/api/model`` shows: the facts with the run's name instead of the server's path."""
+        return {**{k: v for k, v in self.facts.items() if k != "checkpoint"}, "run": run_name_of(self.location)}
 
     def read(self, request: GenerationRequest) -> tuple[list[int], list[str]]:
         """The word ids the model reads (at most ``max_words``) and the words it does not

@@ -23,7 +23,7 @@ import torch
 
 from t2i import config as config_lib
 from t2i import storage
-from t2i.data.text import Vocabulary
+from t2i.data.text import PAD, Vocabulary
 from t2i.errors import T2IError
 from t2i.models import TextToImage, build_model
 from t2i.training.families import unwrap
@@ -142,16 +142,68 @@ def read_state(path: str | Path) -> dict:
     return state
 
 
+def structure_problem(state: dict) -> str | None:
+    """What is wrong with a checkpoint dict's structure (None when nothing): the parts every
+    reader uses, with the types and shapes they need."""
+    if not isinstance(state.get("config"), dict) or not all(isinstance(v, dict) for v in state["config"].values()):
+        return "'config' is missing or not a table of sections"
+    words = state.get("vocab")
+    if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+        return "'vocab' is missing or not a list of words"
+    if words[0] != PAD:
+        return f"its vocabulary starts with {words[0][:20]!r}, not the padding token {PAD!r}"
+    weights = state.get("model")
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        return "'model' is missing or not a table of tensors"
+    vectors = weights.get("text.vectors")
+    if vectors is None or vectors.dim() != 2 or not vectors.is_floating_point():
+        return "'model' has no 2-D word-vector table 'text.vectors'"
+    if vectors.shape[0] != len(words):
+        return f"its vocabulary has {len(words)} words but its word table {vectors.shape[0]} rows"
+    if not isinstance(state.get("epoch"), int) or state["epoch"] < 0:
+        return "'epoch' is missing or not a whole number >= 0"
+    for key in ("metrics", "data", "training"):
+        if not isinstance(state.get(key), dict):
+            return f"'{key}' is missing or not a table"
+    max_words = state["data"].get("max_words", 32)
+    if isinstance(max_words, bool) or not isinstance(max_words, int) or not 1 <= max_words <= 1024:
+        return f"data.max_words is {max_words!r}, not a caption length from 1 to 1024"
+    return None
+
+
+def _weights_mismatch(exc: RuntimeError) -> str:
+    """load_state_dict's multi-line listing, as one line: how many keys are missing,
+    unexpected or of another shape, with an example of each."""
+    text = str(exc)
+    parts = []
+    for label, marker in (("missing", "Missing key(s) in state_dict: "), ("unexpected", "Unexpected key(s) in state_dict: ")):
+        if marker in text:
+            keys = text.split(marker, 1)[1].split(".\n", 1)[0].split(". ", 1)[0].split(", ")
+            parts.append(f"{len(keys)} {label} (e.g. {keys[0].strip()})")
+    shapes = text.count("size mismatch for ")
+    if shapes:
+        example = text.split("size mismatch for ", 1)[1].split(":", 1)[0]
+        parts.append(f"{shapes} of another shape (e.g. {example})")
+    return ", ".join(parts) or text.strip().splitlines()[0][:200]
+
+
 def load(path: str | Path) -> LoadedCheckpoint:
     state = read_state(path)
-    cfg = config_lib.from_dict(state["config"])
+    problem = structure_problem(state)
+    if problem:
+        raise CheckpointError(f"{model_file(path)} is a damaged t2i checkpoint: {problem}")
+    try:
+        cfg = config_lib.from_dict(state["config"])
+    except config_lib.ConfigError as exc:
+        raise CheckpointError(f"{model_file(path)}: its stored config is not valid: {exc}") from None
     words = state["vocab"]
-    vectors = state["model"]["text.vectors"].numpy()
+    vectors = state["model"]["text.vectors"].float().numpy()
     model = build_model(cfg.model, np.zeros_like(vectors))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the model config stored with them: {exc}") from exc
+        raise CheckpointError(f"{model_file(path)}: its weights do not fit the model its config describes "
+                              f"({cfg.model.family}, width {cfg.model.width}): {_weights_mismatch(exc)}") from None
     model.eval()
     return LoadedCheckpoint(model, Vocabulary(words, vectors), cfg, state)
 
@@ -227,15 +279,27 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int, dict, str]]:
         meta_path = storage.join(folder, META)
         if not storage.is_file(meta_path):
             continue  # a folder Ray is still uploading, or an unrelated one
-        meta = json.loads(storage.read_text(meta_path))
-        found.append((int(meta["epoch"]), dict(meta["metrics"]), storage.join(folder, FILENAME)))
+        meta = read_meta(storage.join(folder, FILENAME))
+        if not isinstance(meta.get("epoch"), int) or not isinstance(meta.get("metrics"), dict):
+            raise CheckpointError(f"{meta_path} has no 'epoch' and 'metrics'; remove that checkpoint folder "
+                                  "or restore the file")
+        found.append((meta["epoch"], dict(meta["metrics"]), storage.join(folder, FILENAME)))
     return sorted(found, key=lambda item: item[0])
 
 
 def read_meta(model_path: str) -> dict:
     """The small ``meta.json`` beside a ``model.pt`` ({} if it is missing)."""
     path = storage.join(storage.parent(model_path), META)
-    return json.loads(storage.read_text(path)) if storage.is_file(path) else {}
+    if not storage.is_file(path):
+        return {}
+    try:
+        meta = json.loads(storage.read_text(path))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); remove that checkpoint folder or restore "
+                              "the file") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} is not a JSON object; remove that checkpoint folder or restore the file")
+    return meta
 
 
 def latest_in_run(run_dir: str | Path) -> str | None:

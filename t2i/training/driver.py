@@ -11,6 +11,7 @@ runs may live in a local folder or at a URI (``t2i.storage``).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -277,6 +278,30 @@ def summarize(run_dir: str, error: Exception | None = None) -> dict:
     }
 
 
+def fit_in_background(trainer: TorchTrainer) -> Exception | None:
+    """``trainer.fit()``'s error (None on success). It runs in a thread, so Ctrl-C reaches
+    this one as a plain KeyboardInterrupt (Ray Train's own handler, installed only in the
+    main thread, would exit the process from inside Ray with a status and no word); the
+    caller stops Ray, which ends the workers; finished checkpoints are kept."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["error"] = trainer.fit().error
+        except ray.train.TrainingFailedError as exc:  # raised once max_failures is used up
+            outcome["error"] = exc
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread as it is
+            outcome["crash"] = exc
+
+    thread = threading.Thread(target=run, name="t2i-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "crash" in outcome:
+        raise outcome["crash"]
+    return outcome.get("error")
+
+
 def fit(cfg: Config, fail_once_at_epoch: int = -1) -> dict:
     """Train (or resume) the run described by ``cfg``; returns :func:`summarize`'s dict.
     ``fail_once_at_epoch``: a fault drill for tests (see :func:`make_trainer`)."""
@@ -290,11 +315,7 @@ def fit(cfg: Config, fail_once_at_epoch: int = -1) -> dict:
             return summarize(plan.run_dir)
         print(console.run_line(plan.facts), flush=True)
         check_gpu_workers(plan.facts)
-        error = None
-        try:
-            error = plan.trainer.fit().error
-        except ray.train.TrainingFailedError as exc:  # raised once max_failures is used up
-            error = exc
+        error = fit_in_background(plan.trainer)
     summary = summarize(plan.run_dir, error)
     print(console.summary_line(summary, time.perf_counter() - started), flush=True)
     return summary

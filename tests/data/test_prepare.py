@@ -157,3 +157,79 @@ def test_real_flickr8k_counts(tmp_path):
     got = {s: (v["images"], v["captions"]) for s, v in m["splits"].items()}
     assert got == {"train": (6000, 30000), "dev": (1000, 5000), "test": (1000, 5000)}
     assert m["skipped"]["image in no split"]["count"] == 91
+
+
+# ----------------------------------------------------------------------------- careless input
+def kaggle_with(root, caption_bytes: bytes, formats=("PNG",)):
+    """A Kaggle layout with ``caption_bytes`` as captions.txt and one image per format."""
+    images = root / "Images"
+    images.mkdir(parents=True)
+    for i, fmt in enumerate(formats):
+        Image.new("RGB", (80, 60), (30 * i, 90, 160)).save(images / f"img{i}.{fmt.lower()}", fmt)
+    (root / "captions.txt").write_bytes(caption_bytes)
+    return root
+
+
+def kaggle_csv(formats) -> str:
+    return "image,caption\n" + "".join(f"img{i}.{f.lower()},a dog runs on grass\n" for i, f in enumerate(formats))
+
+
+def test_excel_utf8_bom_and_utf16_caption_files_are_read(tmp_path):
+    text = kaggle_csv(["PNG"])
+    for name, data in (("bom", b"\xef\xbb\xbf" + text.encode()), ("utf16", text.encode("utf-16"))):
+        m = prepare_flickr8k(kaggle_with(tmp_path / name, data), tmp_path / f"{name}-out", size=16, workers=1)
+        assert sum(s["captions"] for s in m["splits"].values()) == 1, name
+
+
+def test_utf16_without_a_mark_is_refused_naming_the_encoding(tmp_path):
+    data = kaggle_csv(["PNG"]).encode("utf-16-le")
+    with pytest.raises(DatasetError, match="looks like UTF-16 or UTF-32 text without a byte-order mark") as refused:
+        prepare_flickr8k(kaggle_with(tmp_path / "src", data), tmp_path / "out", size=16, workers=1)
+    assert "\x00" not in str(refused.value)
+
+
+def test_gif_webp_bmp_tiff_images_are_read(tmp_path):
+    formats = ("GIF", "WEBP", "BMP", "TIFF", "PNG")
+    m = prepare_flickr8k(kaggle_with(tmp_path / "src", kaggle_csv(formats).encode(), formats), tmp_path / "out",
+                         size=16, workers=1)
+    assert sum(s["images"] for s in m["splits"].values()) == len(formats) and m["skipped"] == {}
+
+
+def test_a_caption_over_the_csv_field_limit_is_skipped_with_its_reason(tmp_path):
+    data = (kaggle_csv(["PNG"]) + 'img0.png,"' + "a" * 140_000 + '"\n').encode()
+    m = prepare_flickr8k(kaggle_with(tmp_path / "src", data), tmp_path / "out", size=16, workers=1)
+    assert "field larger than field limit" in m["skipped"]["unreadable CSV row"]["examples"][0]
+    assert sum(s["captions"] for s in m["splits"].values()) == 1
+
+
+@pytest.mark.parametrize("size", [0, -1, 4096])
+def test_a_nonsense_size_is_refused_before_any_work(tmp_path, size):
+    with pytest.raises(DatasetError, match=f"--size {size}: the output side must be 8-512"):
+        prepare_flickr8k(kaggle_with(tmp_path / "src", kaggle_csv(["PNG"]).encode()), tmp_path / "out", size=size)
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_under_a_file_and_a_malformed_glove_are_one_line(tmp_path):
+    from t2i.cli import main as cli_main
+
+    src = kaggle_with(tmp_path / "src", kaggle_csv(["PNG"]).encode())
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(DatasetError, match="is a file, not a folder"):
+        prepare_flickr8k(src, tmp_path / "afile" / "out", size=16, workers=1)
+    glove = tmp_path / "glove.txt"
+    glove.write_text("dog 0.1 0.2\ngrass zero one\n")
+    assert cli_main(["prepare", "flickr8k", "--src", str(src), "--out", str(tmp_path / "out"), "--glove", str(glove),
+                     "--size", "16"]) == 2
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path, monkeypatch):
+    import t2i.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "MAX_DECODED_PIXELS", 100 * 100)  # stands in for 40 MP
+    formats = ("PNG", "BMP")
+    src = kaggle_with(tmp_path / "src", kaggle_csv(formats).encode(), formats)
+    Image.new("RGB", (400, 300)).save(src / "Images" / "img1.bmp")  # 120,000 pixels
+    m = prepare_flickr8k(src, tmp_path / "out", size=16, workers=1)
+    assert "400x300 pixels to decode, over the" in m["skipped"]["unreadable image"]["examples"][0]
+    assert sum(s["images"] for s in m["splits"].values()) == 1

@@ -246,6 +246,71 @@ def test_bad_input_gets_a_4xx_and_the_server_keeps_serving(server, path, body, s
     assert call(base + "/healthz")[0] == 200
 
 
+def raw_http(base: str, head: bytes, trickle: bytes = b"", pause_s: float = 0.0, timeout: float = 20) -> bytes:
+    """Send ``head`` (request line and headers), then ``trickle`` one byte per ``pause_s``;
+    return whatever the server answered."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        sock.sendall(head)
+        try:
+            for byte in trickle:
+                sock.sendall(bytes([byte]))
+                time.sleep(pause_s)
+        except OSError:  # the server closed on us: read what it said
+            pass
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+        return answer
+
+
+@pytest.mark.parametrize("body, says", [
+    (b'{"caption": "a red circle \\ud800", "n": 1}', "caption is not valid Unicode"),
+    (b'{"caption": "a red circle", "\\udc00": 1}', "a field name is not valid Unicode"),
+    (b"[" * 1500, "nested too deeply"),
+])
+def test_hostile_json_gets_a_400_not_a_500(server, body, says):
+    code, kind, answer = call(server[0] + "/api/generate", body)
+    assert code == 400 and kind == "application/json" and says in json.loads(answer)["error"]
+
+
+def test_head_security_headers_content_type_and_no_server_paths(server, checkpoint):
+    base = server[0]
+    for path in ("/", "/healthz", "/api/model"):  # load balancers and uptime checks use HEAD
+        status, _, body = call(base + path, method="HEAD")
+        assert status == 200 and body == b"", path
+    request = urllib.request.Request(base + "/")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        headers = response.headers
+    assert headers["X-Content-Type-Options"] == "nosniff" and headers["X-Frame-Options"] == "DENY"
+    policy = headers["Content-Security-Policy"]
+    assert "default-src 'none'" in policy and "frame-ancestors 'none'" in policy and "connect-src 'self'" in policy
+    # A cross-site form or text/plain POST (no CORS preflight) cannot make the server draw.
+    plain = urllib.request.Request(base + "/api/generate", data=b'{"caption": "a red circle"}',
+                                   headers={"Content-Type": "text/plain"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(plain, timeout=30)
+    assert refused.value.code == 415 and "application/json" in json.loads(refused.value.read())["error"]
+    model = json.loads(call(base + "/api/model")[2])
+    assert "checkpoint" not in model and str(checkpoint.parent) not in json.dumps(model)
+    assert model["run"] == checkpoint.parent.parent.name
+
+
+def test_a_trickling_body_is_cut_off(server):
+    """A client that sends its body a byte a second holds a request slot for 5 s, not 30."""
+    started = time.monotonic()
+    body = b'{"caption": "a red circle", "n": 1}'
+    head = (b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n")
+    answer = raw_http(server[0], head, body, pause_s=1.0, timeout=40)
+    assert b" 408 " in answer.split(b"\r\n", 1)[0] and b"not complete within 5 s" in answer
+    assert time.monotonic() - started < 15
+    assert call(server[0] + "/healthz")[0] == 200
+
+
 def test_same_request_same_bytes_and_a_burst_is_all_answered(server):
     base = server[0]
     mix = [("a large red circle at the top left", 2, 1), ("a small blue square", 3, 2), ("a green triangle", 1, 3),

@@ -1,0 +1,64 @@
+"""Careless or hostile configuration: every bad value is refused before Ray starts, with one
+line naming the key; Ctrl-C stops a run with one line and keeps what it finished."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+from t2i import config as config_lib
+from t2i.config import ConfigError
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.lr=nan", "optim.lr: must be a finite number"),
+    ("optim.lr=inf", "optim.lr: must be a finite number"),
+    ("loss.beta=nan", "loss.beta: must be a finite number"),
+    ("loss.free_bits=nan", "loss.free_bits: must be a finite number"),
+    ("optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("optim.weight_decay=-5", "optim.weight_decay must be >= 0"),
+    ("train.cpus_per_worker=-0.5", "train.cpus_per_worker must be >= 0"),
+    ("train.keep_best=-4", "train.keep_best must be >= 1"),
+    ("train.max_failures=-9", "train.max_failures must be >= -1"),
+    ("model.width=100000", "GB to train); at most 1,000M"),
+    ("data.shapes_n=-5", "data.shapes_n must be >= 50"),
+    ("train.name=../../etc", "must be one folder name"),
+    ("train.name=a/b", "must be one folder name"),
+    ("train.name=..", "must be one folder name"),
+])
+def test_bad_values_are_refused_by_name(override, says):
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=f".*{says.replace('(', '.').replace(')', '.')}"):
+        config_lib.load(None, [override])
+    assert time.monotonic() - started < 10  # the size check allocates nothing
+
+
+def test_a_non_utf8_config_file_is_one_line(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("[train]\nname = \"caf\xe9\"\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        config_lib.load(path)
+    job = subprocess.run([sys.executable, "train_job.py", "--config", str(path)], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert job.returncode == 2 and job.stderr.strip().count("\n") == 0 and "not UTF-8 text" in job.stderr
+
+
+def test_ctrl_c_stops_a_run_with_one_line_and_it_resumes(shapes_dir, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    argv = [sys.executable, "train_job.py", "--smoke-test", "--data", str(shapes_dir),
+            "--set", f"train.storage_path={tmp_path}", "--set", "train.epochs=30"]
+    process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "smoke-test").glob("checkpoint_*/meta.json")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, (out[-2000:], err[-2000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith("t2i: interrupted (Ctrl-C)")
+    assert list((tmp_path / "smoke-test").glob("checkpoint_*/model.pt"))  # what finished is kept
