@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import ray.data
 import torch
 from ray.train import DataConfig as RayDataConfig
 
@@ -107,8 +108,6 @@ def build_datasets(root: str | Path, manifest: dict, eval_splits: list[str], dat
     Train rows keep all their captions and their image id: the worker draws each image's
     caption for the epoch (:func:`train_batch`, :class:`ShardCache`). The files come in
     an order seeded by ``seed`` and different every epoch (each execution reseeds)."""
-    import ray.data  # noqa: PLC0415 - Ray stays out of the non-Ray code paths
-
     ctx = ray.data.DataContext.get_current()
     if data_cpu_limit > 0:
         # Without a cap Ray Data's tasks and the train workers fight for 2 cores and can stall.

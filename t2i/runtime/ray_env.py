@@ -91,18 +91,16 @@ def _autoscaler_config():
                        lambda: ray._private.state.state.get_cluster_config(), None)
 
 
-def autoscaler_max_resources() -> dict | None:
-    """The most of each resource the autoscaler could start (None without an autoscaler)."""
-    return private_api("autoscaler limits (ray._private.state.state.get_max_resources_from_cluster_config)",
-                       lambda: ray._private.state.state.get_max_resources_from_cluster_config(), None)
+_UNANSWERED = object()  # a private API that failed, as opposed to one that answered None
 
 
 def cluster_has_gpus(needed: int) -> bool:
     """Whether the connected cluster has, or its autoscaler could start, ``needed`` GPUs."""
     visible = ray.cluster_resources().get("GPU", 0)
-    could = (autoscaler_max_resources() or {}).get("GPU")
-    decided = decide_gpu(visible, could, needed)
-    if not decided and could is None and "autoscaler limits" in " ".join(_warned):
+    limits = private_api("autoscaler limits (ray._private.state.state.get_max_resources_from_cluster_config)",
+                         lambda: ray._private.state.state.get_max_resources_from_cluster_config(), _UNANSWERED)
+    decided = decide_gpu(visible, None if limits is _UNANSWERED else (limits or {}).get("GPU"), needed)
+    if not decided and limits is _UNANSWERED:
         print(f"t2i: warning: use_gpu=auto sees {visible:g} GPU(s) up and could not ask the autoscaler for more: "
               "training on CPU; set train.use_gpu=true to wait for GPU nodes", flush=True)
     return decided

@@ -248,7 +248,7 @@ def test_gan_killed_run_resumes_at_next_epoch_with_both_networks(shapes_dir, tmp
     assert second["error"] is None and epochs_on_disk(tmp_path / "gan") == [0, 1, 2]
     assert_resumed_exactly(tmp_path / "gan", 0)  # both networks, both optimizers
     assert {"dev_gen_mse", "train_d_loss", "train_g_adv", "dev_d_mismatch", "dev_align"} <= set(second["metrics"])
-    # gan.toml's alignment loss: its encoder trained once on the driver, cached beside the data.
+    # gan.toml's alignment loss: its encoder trained once as a Ray task, cached beside the data.
     assert second["metrics"]["train_align"] > 0 and (shapes_dir / "alignment_loss_encoder.pt").is_file()
     # A gan checkpoint is never resumed with another family's config.
     other = tiny_cfg(shapes_dir, tmp_path, "train.name=gan", "model.family=cvae")
