@@ -311,6 +311,26 @@ def test_a_trickling_body_is_cut_off(server):
     assert call(server[0] + "/healthz")[0] == 200
 
 
+def test_slow_header_clients_hold_sockets_not_the_replica(server):
+    """64 clients that never finish their headers (Serve's proxy has no header deadline, the
+    front proxy's job) do not reach the replica: a real request is answered at once meanwhile."""
+    host, port = server[0].removeprefix("http://").split(":")
+    slow = []
+    try:
+        for _ in range(64):
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            slow.append(sock)
+        time.sleep(1.0)
+        started = time.monotonic()
+        reply = generate(server[0], "a small blue square", n=1, seed=5)
+        assert len(reply["images"]) == 1 and time.monotonic() - started < 10
+        assert call(server[0] + "/healthz")[0] == 200
+    finally:
+        for sock in slow:
+            sock.close()
+
+
 def test_same_request_same_bytes_and_a_burst_is_all_answered(server):
     base = server[0]
     mix = [("a large red circle at the top left", 2, 1), ("a small blue square", 3, 2), ("a green triangle", 1, 3),
