@@ -23,9 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "cluster"))
 
-import local as local_cluster  # noqa: E402
+import local as local_cluster
 
-from t2i.data.prepare import prepare_shapes  # noqa: E402
+from t2i.data.prepare import prepare_shapes
 
 
 def run_job(dashboard: str, data: Path, runs: Path, name: str, epochs: int, kill_after_first: list[str] | None):

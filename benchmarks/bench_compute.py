@@ -5,7 +5,7 @@ memory, no Ray) for a few epochs and reports steady images/s and achieved FLOP/s
 CPU's fp32 matmul FLOP/s (same threads). FLOPs per image come from torch's FlopCounterMode
 on the eager model (a compiled step does the same arithmetic). All in one run:
 
-    python benchmarks/bench_compute.py [--config configs/shapes.toml] [--n 3000] [--epochs 3]
+    python benchmarks/bench_compute.py [--config shapes] [--n 3000] [--epochs 3]
 
 Variants: t2i's default (channels-last tensors and weights, fused Adam), NCHW (PyTorch's
 default layout), Adam with foreach (PyTorch's default, t2i's before fused),
@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from bench_train import matmul_flops, plain_loop  # noqa: E402
+import torch
+from bench_train import matmul_flops, plain_loop
 
-from t2i import config as config_lib  # noqa: E402
-from t2i.data.dataset import load_vocabulary  # noqa: E402
-from t2i.training.families import make_family  # noqa: E402
-from t2i.data.prepare import prepare_shapes  # noqa: E402
-from t2i.runtime.ray_env import usable_cpus  # noqa: E402
+from t2i import config as config_lib
+from t2i.data.dataset import load_vocabulary
+from t2i.data.prepare import prepare_shapes
+from t2i.runtime.ray_env import usable_cpus
+from t2i.training.families import make_family
 
 
 def run_variant(config: str, root: Path, epochs: int, threads: int, batch: int | None = None,
@@ -79,7 +79,7 @@ def optimizer_step_ms(config: str, vectors, threads: int, rounds: int = 3, steps
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs" / "shapes.toml"))
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "t2i" / "configs" / "shapes.toml"))
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")

@@ -3,8 +3,8 @@
     python benchmarks/bench_gpu.py [--batch 1024] [--epochs 3] [--out gpu.json] [--data PREPARED]
 
 Prepares Flickr8k at 64x64 from ../shared/data/flickr8k (or the built-in shapes set when it
-is absent) into a temporary folder, then for Model 1 (configs/seed_model1.toml) and the gan
-(configs/gan.toml, the best generative family; its alignment-loss encoder is trained first
+is absent) into a temporary folder, then for Model 1 (the seed_model1 config) and the gan
+(the gan config, the best generative family; its alignment-loss encoder is trained first
 and not timed) runs what a Ray Train worker runs with its shard cached on the GPU (the
 worker's ``ShardCache``: every epoch reshuffles it and draws one caption per image there,
 no host transfers): a warm-up of a few steps, then ``--epochs`` timed epochs at
@@ -30,16 +30,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import numpy as np  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pyarrow.parquet as pq
+import torch
 
-from t2i import config as config_lib  # noqa: E402
-from t2i.training import encoders  # noqa: E402
-from t2i.data.feed import ShardCache, to_model_inputs  # noqa: E402
+from t2i import config as config_lib
 from t2i.data.dataset import load_manifest, load_vocabulary, shard_paths
-from t2i.training.families import make_family  # noqa: E402
-from t2i.data.prepare import prepare_flickr8k, prepare_shapes  # noqa: E402
+from t2i.data.feed import ShardCache, to_model_inputs
+from t2i.data.prepare import prepare_flickr8k, prepare_shapes
+from t2i.training import encoders
+from t2i.training.families import make_family
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by device name.
@@ -167,7 +167,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="t2i-bench-gpu-") as tmp:
         root = Path(args.data) if args.data else prepare(Path(tmp) / "data")
         for name in args.configs:
-            result = bench_family(REPO / "configs" / name, root, device, args.batch, args.epochs)
+            result = bench_family(REPO / "t2i" / "configs" / name, root, device, args.batch, args.epochs)
             results.append(result)
             util = f"{result['gpu_utilisation_pct']:.0f}%" if result["gpu_utilisation_pct"] is not None else "n/a"
             print(f"{name}: {result['train_images']} images, batch {args.batch}, bf16 {result['bf16']} | warm-up "

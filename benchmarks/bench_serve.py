@@ -65,9 +65,9 @@ def main() -> None:
 
     from ray import serve  # noqa: PLC0415
 
+    from t2i.runtime.ray_env import start_ray  # noqa: PLC0415
     from t2i.serving.app import APP_NAME, build_app  # noqa: PLC0415
     from t2i.serving.service import CaptionGenerator  # noqa: PLC0415
-    from t2i.runtime.ray_env import start_ray  # noqa: PLC0415
 
     facts = CaptionGenerator(args.checkpoint, device="cpu").facts  # a clear error before Ray starts
     start_ray()

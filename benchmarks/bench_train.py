@@ -21,7 +21,7 @@ has neither) and are printed apart.
    FLOP/s measured with the same threads. benchmarks/bench_compute.py tries what could
    raise it.
 
-    python benchmarks/bench_train.py [--config configs/shapes.toml] [--n 6000] [--epochs 5] [--rounds 2]
+    python benchmarks/bench_train.py [--config shapes] [--n 6000] [--epochs 5] [--rounds 2]
                                      [--parts speed memory]
 """
 
@@ -40,15 +40,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import pyarrow.parquet as pq  # noqa: E402
-import torch  # noqa: E402
+import pyarrow.parquet as pq
+import torch
 
-from t2i import config as config_lib, storage  # noqa: E402
-from t2i.data.dataset import load_manifest, load_vocabulary, shard_paths  # noqa: E402
-from t2i.data.feed import EpochFeed, FeedPlan, ShardCache, build_datasets, to_model_inputs  # noqa: E402
-from t2i.training.families import make_family  # noqa: E402
-from t2i.data.prepare import prepare_shapes, write_manifest  # noqa: E402
-from t2i.runtime.ray_env import usable_cpus  # noqa: E402
+from t2i import config as config_lib
+from t2i import storage
+from t2i.data.dataset import load_manifest, load_vocabulary, shard_paths
+from t2i.data.feed import EpochFeed, FeedPlan, ShardCache, build_datasets, to_model_inputs
+from t2i.data.prepare import prepare_shapes, write_manifest
+from t2i.runtime.ray_env import usable_cpus
+from t2i.training.families import make_family
 
 
 def plain_loop(cfg, root, epochs: int, threads: int, prepare_net=None, channels_last: bool = True) -> dict:
@@ -190,7 +191,7 @@ def peak_job_pss_mb(data: Path, storage_dir: Path, overrides: list[str]) -> floa
     """Run one epoch of train_job.py and sample the PSS of its whole process tree."""
     cmd = [sys.executable, str(REPO / "train_job.py"), "--data", str(data),
            "--set", f"train.storage_path={storage_dir}", "--set", "train.epochs=1",
-           *sum((["--set", o] for o in overrides), [])]
+           *[arg for o in overrides for arg in ("--set", o)]]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peak = 0.0
     while proc.poll() is None:
@@ -269,7 +270,7 @@ def memory(root: Path, tmp: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(REPO / "configs" / "shapes.toml"))
+    parser.add_argument("--config", default=str(REPO / "t2i" / "configs" / "shapes.toml"))
     parser.add_argument("--n", type=int, default=6000, help="shapes images (the default run's 6,000)")
     parser.add_argument("--epochs", type=int, default=5, help="epochs per run; the first is warm-up")
     parser.add_argument("--rounds", type=int, default=2, help="cached Ray runs, each between two plain loops")

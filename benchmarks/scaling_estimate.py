@@ -29,9 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from t2i import config as config_lib  # noqa: E402
-from t2i.training import encoders  # noqa: E402
-from t2i.training.families import make_family  # noqa: E402
+from t2i import config as config_lib
+from t2i.training import encoders
+from t2i.training.families import make_family
 
 CONFIGS = ("shapes.toml", "seed_model1.toml", "cvae.toml", "gan.toml")
 VOCAB = 8_000  # about Flickr8k's (the frozen word table is a buffer: no gradient, no FLOPs to speak of)
@@ -41,7 +41,7 @@ WORKERS = 8
 
 
 def step_cost(config_file: str) -> dict:
-    cfg = config_lib.load(REPO / "configs" / config_file)
+    cfg = config_lib.load(REPO / "t2i" / "configs" / config_file)
     vectors = np.random.default_rng(0).standard_normal((VOCAB, 50)).astype(np.float32)
     aligner = encoders.build(encoders.ALIGNMENT_LOSS, vectors) if cfg.loss.align_weight > 0 else None
     torch.manual_seed(0)

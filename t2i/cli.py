@@ -1,4 +1,4 @@
-"""``python -m t2i <command>``: prepare data, generate, evaluate, report, serve.
+"""t2i <command> (or python -m t2i): prepare, train, tune, generate, evaluate, report, serve.
 
 Each subcommand only parses its arguments and calls one function of the package; errors
 that a user can fix (bad paths, bad config keys, broken checkpoints: ``T2IError``) print
@@ -11,8 +11,8 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
+from t2i import config as config_lib
 from t2i import console
 from t2i.errors import T2IError
 
@@ -44,18 +44,19 @@ def run_job(work) -> int:
 
 @dataclass(frozen=True)
 class EntryScript:
-    """The command line of ``train_job.py`` and ``tune_search.py``: a config file, ``--set``
-    overrides, ``--data``, ``--smoke-test`` and ``--verbose``."""
+    """The command line of ``t2i train`` / ``train_job.py`` and ``t2i tune`` /
+    ``tune_search.py``: a config file, ``--set`` overrides, ``--data``, ``--smoke-test`` and
+    ``--verbose``."""
     description: str
-    default_config: Path
+    default_config: str
     config_help: str
     set_help: str
     smoke_help: str
     smoke: tuple[str, ...]  # overrides that ``--smoke-test`` puts before the user's
 
-    def parse(self, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    def parse(self, argv: list[str] | None, prog: str | None = None) -> tuple[argparse.Namespace, list[str]]:
         """The parsed arguments and every override in the order they apply."""
-        parser = argparse.ArgumentParser(description=self.description)
+        parser = argparse.ArgumentParser(prog=prog, description=self.description)
         parser.add_argument("--config", default=str(self.default_config), help=self.config_help)
         parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                             help=self.set_help)
@@ -69,6 +70,53 @@ class EntryScript:
         if args.data:
             overrides.append(f"data.path={args.data}")
         return args, overrides
+
+
+TRAIN = EntryScript(
+    description="Train a text-to-image model on Ray Train (the built-in shapes set unless --data is given)",
+    default_config="shapes",
+    config_help="TOML config file, or a built-in one by name: shapes (default), shapes_seed, cvae, gan, "
+                "seed_model1, seed_model2, seed_model3",
+    set_help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)",
+    smoke_help="a tiny 2-epoch run to check the setup",
+    # Its own run name: a smoke test never resumes (or collides with) the default run's folder.
+    smoke=("train.name=smoke-test", *config_lib.SMOKE_TEST))
+
+TUNE = EntryScript(
+    description="Hyperparameter sweep with Ray Tune; the same command resumes an interrupted sweep",
+    default_config="default",
+    config_help="sweep file with [search] and [space] tables, or a built-in one by name: default, gan, flickr8k",
+    set_help="search.<option>=... or any training key for every trial (repeatable)",
+    smoke_help="2 tiny trials, to check the setup",
+    smoke=("search.num_samples=2", "search.name=smoke-sweep", *config_lib.SMOKE_TEST))
+
+
+def train_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Parse, load the config (errors before Ray starts), train, print the summary."""
+    args, overrides = TRAIN.parse(argv, prog)
+
+    def work() -> dict:
+        cfg = config_lib.load(args.config, overrides)
+        from t2i.training.driver import fit  # noqa: PLC0415 - config errors should not wait for Ray's import
+
+        return fit(cfg)
+
+    return run_job(work)
+
+
+def tune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args, overrides = TUNE.parse(argv, prog)
+
+    def work() -> dict:
+        from t2i.runtime import tune as sweep  # noqa: PLC0415 - keep --help fast
+
+        search, base = sweep.load_search(args.config, overrides)
+        return sweep.run(search, base)
+
+    return run_job(work)
+
+
+ENTRY_COMMANDS = {"train": (train_main, TRAIN), "tune": (tune_main, TUNE)}
 
 
 def _prepare(args: argparse.Namespace) -> dict:
@@ -126,8 +174,10 @@ def _serve(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m t2i", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="t2i", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+    for name, (_, script) in ENTRY_COMMANDS.items():  # parsed by their EntryScript (see main)
+        commands.add_parser(name, help=script.description, add_help=False)
 
     prep = commands.add_parser("prepare", help="raw data -> Parquet shards + manifest")
     datasets = prep.add_subparsers(dest="dataset", required=True)
@@ -195,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ENTRY_COMMANDS:  # `t2i train ...` is `python train_job.py ...`
+        entry, _ = ENTRY_COMMANDS[argv[0]]
+        return entry(argv[1:], prog=f"t2i {argv[0]}")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,8 +1,8 @@
 """Typed configuration: one dataclass per concern, TOML files, typo-rejecting overrides.
 
-A run is described by a :class:`Config` (data, model, loss, optim, train). Files in
-``configs/`` are TOML with one table per section; command lines add ``--set
-section.key=value``. Any key that is not a field is rejected with the valid ones listed,
+A run is described by a :class:`Config` (data, model, loss, optim, train). Config files
+are TOML with one table per section (the built-in ones ship in ``t2i/configs/`` and are
+named by their stem: ``--config gan``); command lines add ``--set section.key=value``. Any key that is not a field is rejected with the valid ones listed,
 so a typo fails before a worker starts.
 """
 
@@ -24,7 +24,7 @@ class ConfigError(T2IError):
 
 
 @dataclass
-class DataConfig:
+class DatasetConfig:
     # Prepared dataset folder or URI (s3://bucket/f8k) holding manifest.json. "" = the
     # built-in shapes set, prepared once and cached under `cache_dir`.
     path: str = ""
@@ -105,7 +105,7 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -215,13 +215,38 @@ def parse_override(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+BUILTIN_CONFIGS = Path(__file__).resolve().parent / "configs"  # shipped inside the package
+SWEEP_CONFIGS = BUILTIN_CONFIGS / "sweeps"
+
+
+def builtin_names(folder: Path = BUILTIN_CONFIGS) -> list[str]:
+    return sorted(p.stem for p in folder.glob("*.toml"))
+
+
+def resolve_config_file(name_or_path: str | Path, folder: Path = BUILTIN_CONFIGS) -> Path:
+    """A config file by path, or a built-in one by name: ``gan``, ``gan.toml`` and the
+    repository-relative ``configs/gan.toml`` all name ``t2i/configs/gan.toml``, so the same
+    command works in a checkout, from another folder and from an installed package."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    if parts[:1] == ("sweeps",) and folder == SWEEP_CONFIGS:
+        parts = parts[1:]
+    if parts and not path.is_absolute():
+        candidate = folder.joinpath(*parts)
+        candidate = candidate if candidate.suffix == ".toml" else candidate.with_name(candidate.name + ".toml")
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config file not found: {name_or_path} (a path, or a built-in name: "
+                      f"{', '.join(builtin_names(folder))})")
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the TOML file (if any), then ``key=value`` overrides, in that order."""
     cfg = Config()
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_file(path)
         try:
             apply(cfg, tomllib.loads(path.read_text(encoding="utf-8")))
         except UnicodeDecodeError as exc:
@@ -262,7 +287,7 @@ def validate(cfg: Config) -> None:
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
     if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):
-        problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (configs/gan.toml)")
+        problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.train.epochs < 1:
         problems.append("train.epochs must be >= 1")
     if cfg.train.num_workers < 0:

@@ -35,7 +35,7 @@ def progress(iterable, desc: str, total: int | None = None, unit: str = "it"):
 
 # ----------------------------------------------------------------------------- lines
 def duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
+    seconds = max(0, round(seconds))
     if seconds < 60:
         return f"{seconds}s"
     minutes, seconds = divmod(seconds, 60)

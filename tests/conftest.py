@@ -52,10 +52,10 @@ def checkpoint(shapes_dir, tmp_path_factory) -> Path:
     of a shapes run: enough for generate, evaluate and serve to run end to end."""
     import torch
 
-    from t2i.training import checkpoint as ckpt_lib
     from t2i import config as config_lib
     from t2i.data.dataset import load_vocabulary
     from t2i.models import build_model
+    from t2i.training import checkpoint as ckpt_lib
 
     cfg = config_lib.load(None, ["model.width=8", "model.hidden=64", "model.latent_dim=8", "model.family=cvae",
                                  "model.text_encoder=gru"])

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO
+
 from t2i import config as config_lib
 from t2i.config import ConfigError
 

@@ -66,16 +66,15 @@ def test_verbose_flag_reaches_the_environment(monkeypatch):
 
 
 def test_smoke_tests_never_share_a_users_run_folder():
-    import train_job
-    import tune_search
+    from t2i.cli import TRAIN, TUNE
     from t2i.runtime.tune import load_search
 
     manifest = {"dataset": "shapes"}
-    default = config_lib.load(train_job.SCRIPT.default_config)
-    args, overrides = train_job.SCRIPT.parse(["--smoke-test"])
+    default = config_lib.load(TRAIN.default_config)
+    args, overrides = TRAIN.parse(["--smoke-test"])
     smoke = config_lib.load(args.config, overrides)
     assert run_name(smoke, manifest) == "smoke-test" != run_name(default, manifest)
-    search, _ = load_search(tune_search.SCRIPT.default_config)
-    args, overrides = tune_search.SCRIPT.parse(["--smoke-test"])
+    search, _ = load_search(TUNE.default_config)
+    args, overrides = TUNE.parse(["--smoke-test"])
     smoke_search, _ = load_search(args.config, overrides)
     assert smoke_search.name == "smoke-sweep" != search.name

@@ -109,7 +109,7 @@ def copy_check(generated: dict[str, torch.Tensor], real: torch.Tensor, train_ima
 def shapes_accuracy(images: torch.Tensor, attributes: dict[str, list[str]], caption_image: np.ndarray) -> dict:
     """Attribute accuracy of generated images (one per caption row) read from the pixels."""
     tiles = images.permute(0, 2, 3, 1).numpy()
-    hits = {k: 0 for k in ("color", "shape", "size", "position")}
+    hits = dict.fromkeys(("color", "shape", "size", "position"), 0)
     all_right = 0
     for tile, img in progress(zip(tiles, caption_image), "read shapes", total=len(tiles), unit="img"):
         found = shapes.analyse(tile)
@@ -246,7 +246,7 @@ def score_split(context: EvaluationContext, split: str) -> dict:
             if name in rp:
                 table[name]["attributes"] = shapes_accuracy(rp[name], part["attributes"], part["caption_image"])
     return {"pairs": len(ids), "images": len(part["images"]),
-            "images_scored": int(len(np.unique(part["caption_image"]))),  # a random subset of pairs misses some
+            "images_scored": len(np.unique(part["caption_image"])),  # a random subset of pairs misses some
             "results": table, "copy_check": copies}
 
 

@@ -23,13 +23,12 @@ from t2i.generation.grid import save_grid
 from t2i.models import count_parameters
 from t2i.training import checkpoint as ckpt_lib
 
-REPO = Path(__file__).resolve().parents[2]
 MODELS = (
-    ("model1", "Model 1 (seed, aggressive constant LR)", "configs/seed_model1.toml"),
-    ("model2", "Model 2 (seed, + decaying LR)", "configs/seed_model2.toml"),
-    ("model3", "Model 3 (seed, fewer units + dropout)", "configs/seed_model3.toml"),
-    ("cvae", "cvae (conditional VAE, learned prior)", "configs/cvae.toml"),
-    ("gan", "gan (CA generator + matching-aware D, DF-GAN losses, sentence alignment loss)", "configs/gan.toml"),
+    ("model1", "Model 1 (seed, aggressive constant LR)", "seed_model1"),
+    ("model2", "Model 2 (seed, + decaying LR)", "seed_model2"),
+    ("model3", "Model 3 (seed, fewer units + dropout)", "seed_model3"),
+    ("cvae", "cvae (conditional VAE, learned prior)", "cvae"),
+    ("gan", "gan (CA generator + matching-aware D, DF-GAN losses, sentence alignment loss)", "gan"),
 )
 SEED_CAPTIONS = (
     "Two helmeted men sit on yellow snowmobiles while another man stands behind watching",
@@ -47,7 +46,7 @@ def hardware() -> str:
 def train_run(key: str, config_file: str, data: Path, runs: Path, epochs: int) -> dict:
     from t2i.training.driver import fit  # noqa: PLC0415 - only when training is needed
 
-    cfg = config_lib.load(REPO / config_file, [f"data.path={data}", f"train.name={key}",
+    cfg = config_lib.load(config_file, [f"data.path={data}", f"train.name={key}",
                                                f"train.storage_path={runs}", f"train.epochs={epochs}"])
     return fit(cfg)
 

@@ -56,5 +56,17 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-__all__ = ["build_model", "build_discriminator", "count_parameters", "size_problem", "TextToImage", "TextToImageVAE", "VAEOutput",
-           "SeedVAE", "CVAE", "GANGenerator", "Discriminator", "GENERATORS"]
+__all__ = [
+    "CVAE",
+    "GENERATORS",
+    "Discriminator",
+    "GANGenerator",
+    "SeedVAE",
+    "TextToImage",
+    "TextToImageVAE",
+    "VAEOutput",
+    "build_discriminator",
+    "build_model",
+    "count_parameters",
+    "size_problem",
+]

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar, stride2_convs
 from t2i.models.base import TextToImage
+from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar, stride2_convs
 
 
 class GANGenerator(TextToImage):

@@ -25,11 +25,16 @@ from t2i import console, storage
 from t2i.config import Config, ConfigError
 from t2i.runtime.ray_env import start_ray, submitted_working_dir
 from t2i.training import run_files
-from t2i.training.driver import (check_cluster_storage, check_gpu_workers, check_paths_under_job, make_trainer,
-                                resolve_data, summarize)
+from t2i.training.driver import (
+    check_cluster_storage,
+    check_gpu_workers,
+    check_paths_under_job,
+    make_trainer,
+    resolve_data,
+    summarize,
+)
 from t2i.training.families import FAMILIES
 
-REPO = Path(__file__).resolve().parents[2]
 OTHER_METRICS = ("samples_per_s", "epoch_s", "lr", "epoch", "epochs_done", "selection")
 PROGRESS = "epochs_done"  # ASHA's clock: epochs trained, also across a restored sweep
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
@@ -38,7 +43,7 @@ DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
 @dataclass
 class SearchConfig:
     name: str = "sweep"             # sweep folder under train.storage_path; the same name resumes
-    base_config: str = "configs/shapes.toml"  # training config the hyperparameters modify
+    base_config: str = "shapes"  # training config the hyperparameters modify (a path or a built-in name)
     # What ASHA and the ranking minimise/maximise: by default the error of images drawn from
     # dev captions alone (a model's ELBO lets its encoder see the image: not generation).
     metric: str = "dev_gen_mse"
@@ -116,10 +121,11 @@ def load_search(path: str | Path | None, overrides: list[str] = ()) -> tuple[Sea
     """
     raw: dict[str, Any] = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"search file not found: {path}")
-        raw = tomllib.loads(path.read_text())
+        path = config_lib.resolve_config_file(path, config_lib.SWEEP_CONFIGS)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: not a UTF-8 TOML file: {exc}") from None
     unknown = set(raw) - {"search", "space"}
     if unknown:
         raise ConfigError(f"{path}: unknown tables {sorted(unknown)}; a sweep file has [search] and [space]")
@@ -139,10 +145,7 @@ def load_search(path: str | Path | None, overrides: list[str] = ()) -> tuple[Sea
         setattr(search, name, type(current)(value) if not isinstance(value, type(current)) else value)
     if search.mode not in ("min", "max"):
         raise ConfigError("search.mode must be 'min' or 'max'")
-    base_path = Path(search.base_config)
-    if not base_path.is_absolute() and not base_path.exists():
-        base_path = REPO / search.base_config  # relative to the repository, wherever we run
-    base = config_lib.load(base_path, train_overrides)
+    base = config_lib.load(search.base_config, train_overrides)  # a path or a built-in name
     if search.metric not in reported_metrics(base):
         raise ConfigError(f"search.metric {search.metric!r} is never reported by training; "
                           f"reported: {', '.join(sorted(reported_metrics(base)))}")

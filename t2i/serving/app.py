@@ -32,8 +32,14 @@ from ray import serve
 
 from t2i import storage
 from t2i.config import ConfigError
-from t2i.serving.service import (MAX_BODY_BYTES, CaptionGenerator, GenerationRequest, RequestError,
-                                 request_from_json, request_from_query)
+from t2i.serving.service import (
+    MAX_BODY_BYTES,
+    CaptionGenerator,
+    GenerationRequest,
+    RequestError,
+    request_from_json,
+    request_from_query,
+)
 
 PAGE = Path(__file__).with_name("page.html")
 APP_NAME = "t2i"
@@ -131,7 +137,7 @@ async def _read_body(request: Request, timeout_s: float) -> bytes:
 
     try:
         return await asyncio.wait_for(read(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise RequestError(f"request body not complete within {timeout_s:g} s", status=408) from None
 
 

@@ -12,7 +12,6 @@ not every weight (which matters when runs live in s3:// or gs://). Paths may be 
 from __future__ import annotations
 
 import hashlib
-
 import io
 import json
 from dataclasses import dataclass
@@ -134,7 +133,7 @@ def read_state(path: str | Path) -> dict:
             state = torch.load(source, map_location="cpu", weights_only=True)
         else:  # mmap: only the tensors actually used are read from disk
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+    except Exception as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:

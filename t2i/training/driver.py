@@ -29,9 +29,18 @@ from t2i.data.feed import ExactEvalDataConfig, build_datasets, worker_shard_byte
 from t2i.data.prepare import ensure_shapes
 from t2i.data.text import Vocabulary
 from t2i.models import build_model, count_parameters
-from t2i.runtime.ray_env import (GPUUnavailableError, choose_cpus_per_worker, cuda_problem, data_cpu_budget,
-                                 node_shapes, quiet_ray_data,
-                                 small_cluster_settings, start_ray, submitted_working_dir, use_gpu)
+from t2i.runtime.ray_env import (
+    GPUUnavailableError,
+    choose_cpus_per_worker,
+    cuda_problem,
+    data_cpu_budget,
+    node_shapes,
+    quiet_ray_data,
+    small_cluster_settings,
+    start_ray,
+    submitted_working_dir,
+    use_gpu,
+)
 from t2i.runtime.relay import following
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training import encoders, run_files

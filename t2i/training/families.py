@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -30,8 +30,15 @@ from t2i.config import Config
 from t2i.evaluation.metrics import mse
 from t2i.models import build_discriminator, build_model
 from t2i.models.dual_encoder import DualEncoder
-from t2i.training.losses import (alignment_loss, discriminator_hinge_loss, elbo_loss, generator_hinge_loss, kl_weight,
-                                 matching_aware_gradient_penalty, standard_normal_kl)
+from t2i.training.losses import (
+    alignment_loss,
+    discriminator_hinge_loss,
+    elbo_loss,
+    generator_hinge_loss,
+    kl_weight,
+    matching_aware_gradient_penalty,
+    standard_normal_kl,
+)
 from t2i.training.optim import clip_and_step, extend_schedule, make_optimizer, make_scheduler
 
 Autocast = Callable[[], contextlib.AbstractContextManager]

@@ -50,7 +50,7 @@ def loss_curve_png(history: list[dict]) -> bytes:
     figure = Figure(figsize=(8, 3.2), dpi=100)
     loss_axes, mse_axes = figure.subplots(1, 2)
     for split in splits:
-        style = dict(marker="o", markersize=3)
+        style = {"marker": "o", "markersize": 3}
         loss_axes.plot(epochs, [row.get(f"{split}_loss") for row in history], label=split, **style)
         if f"{split}_mse" in history[-1]:
             mse_axes.plot(epochs, [row.get(f"{split}_mse") for row in history], label=f"{split} reconstruction",

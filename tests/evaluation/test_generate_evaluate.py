@@ -8,13 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i.training import checkpoint as ckpt_lib
 from t2i import config as config_lib
-from t2i.data import shapes
 from t2i.cli import main as cli_main
+from t2i.data import shapes
 from t2i.data.dataset import load_manifest, read_split_arrays
 from t2i.evaluation.evaluate import EvaluationSettings, copy_check, evaluate, knn_baseline, nearest_train_distance
 from t2i.evaluation.metrics import mse, psnr, ssim
+from t2i.training import checkpoint as ckpt_lib
 
 
 def test_generate_grid_and_caption_files(checkpoint, tmp_path, capsys):
@@ -66,7 +66,7 @@ def test_generate_bad_input_is_reported(checkpoint, tmp_path, capsys):
 def test_an_internal_error_keeps_its_traceback(checkpoint, tmp_path, monkeypatch):
     """Only t2i's own errors are the user's to fix; a ValueError from inside numpy or torch
     is a bug and must not be flattened into one line."""
-    import t2i.generation.generate  # noqa: PLC0415
+    import t2i.generation.generate
 
     def broken(*args, **kwargs):
         raise ValueError("operands could not be broadcast together")  # as numpy would
@@ -191,7 +191,7 @@ def test_evaluate_reports_model_and_baselines(checkpoint, shapes_dir, tmp_path):
 
 
 def test_report_epochs_per_row_and_the_command_that_rebuilds_the_table():
-    from t2i.evaluation.table2 import parse_epochs, regenerate_command  # noqa: PLC0415
+    from t2i.evaluation.table2 import parse_epochs, regenerate_command
 
     assert parse_epochs(["3", "gan=20"]) == {"*": 3, "gan": 20}
     assert parse_epochs(None) == {"*": 10}

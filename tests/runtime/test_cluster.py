@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "cluster"))
-import local as local_cluster  # noqa: E402  (cluster/local.py)
+import local as local_cluster
 
-from t2i import storage  # noqa: E402
-from t2i.training.checkpoint import CheckpointError, read_state  # noqa: E402
+from t2i import storage
+from t2i.training.checkpoint import CheckpointError, read_state
 
 LAUNCHER_CONFIGS = sorted(p for p in (REPO / "cluster").glob("*.yaml") if "provider" in yaml.safe_load(p.read_text()))
 K8S_MANIFESTS = sorted((REPO / "cluster" / "k8s").glob("*.yaml"))
@@ -185,9 +184,10 @@ def test_rayjob_entrypoint_is_a_valid_training_command():
     command = job["spec"]["entrypoint"].split("&&")[-1]
     argv = shlex.split(command)
     assert argv[:2] == ["python", "train_job.py"]
-    config_file = REPO / argv[argv.index("--config") + 1]
-    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    cfg = config_lib.load(config_file, overrides)
+    from t2i.cli import TRAIN
+
+    args, overrides = TRAIN.parse(argv[2:])
+    cfg = config_lib.load(args.config, overrides)
     assert cfg.train.num_workers == 2 and storage.is_uri(cfg.train.storage_path)
 
 
@@ -497,7 +497,7 @@ def test_every_shipped_cluster_turns_token_auth_on():
 
 def test_every_ray_cluster_in_k8s_has_its_network_policy():
     policies = [doc for _, doc in k8s_docs() if doc["kind"] == "NetworkPolicy"]
-    for name, doc, spec in ray_clusters_in_k8s():
+    for name, _, spec in ray_clusters_in_k8s():
         labels = [g["template"].get("metadata", {}).get("labels", {}).get("t2i/cluster") for g in pod_groups(spec)]
         assert len(set(labels)) == 1 and labels[0], f"{name}: every pod of a cluster carries one t2i/cluster label"
         mine = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].get("t2i/cluster") == labels[0]]

@@ -10,12 +10,11 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 
-from t2i.training import checkpoint as ckpt_lib
 from t2i import config as config_lib
 from t2i.config import ConfigError
-
-from conftest import REPO
+from t2i.training import checkpoint as ckpt_lib
 
 SMOKE = ["train.epochs=2", "data.batch_size=32", "model.hidden=64", "data.samples_per_prompt=2",
          "search.num_samples=2", "search.grace_period=2"]
@@ -23,7 +22,7 @@ SMOKE = ["train.epochs=2", "data.batch_size=32", "model.hidden=64", "data.sample
 
 def write_space(tmp_path, space: str) -> str:
     path = tmp_path / "sweep.toml"
-    path.write_text(f'[search]\nbase_config = "configs/shapes.toml"\n[space]\n{space}\n')
+    path.write_text(f'[search]\nbase_config = "shapes"\n[space]\n{space}\n')
     return str(path)
 
 
@@ -49,12 +48,12 @@ def test_bad_search_spaces_fail_before_any_trial(tmp_path):
 def test_every_shipped_sweep_file_is_valid():
     from t2i.runtime.tune import load_search
 
-    files = sorted((REPO / "configs" / "sweeps").glob("*.toml"))
+    files = sorted((REPO / "t2i" / "configs" / "sweeps").glob("*.toml"))
     assert {f.name for f in files} >= {"default.toml", "gan.toml"}
     for path in files:
         search, base = load_search(path)
         assert search.space, path.name
-    search, base = load_search(REPO / "configs" / "sweeps" / "gan.toml")
+    search, base = load_search(REPO / "t2i" / "configs" / "sweeps" / "gan.toml")
     assert search.metric == "dev_align" and base.loss.align_weight > 0  # a generation metric, not blur-loving MSE
 
 
@@ -94,13 +93,14 @@ def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path
     # Usually [[0], [0, 1]]; the second trial may just finish its last epoch while stopping.
     assert len(before) == 2 and [0, 1] in before.values() and all(e[:1] == [0] for e in before.values()), before
 
-    search, base = load_search(REPO / "configs" / "sweeps" / "default.toml", SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
+    search, base = load_search(REPO / "t2i" / "configs" / "sweeps" / "default.toml", SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
                                               "search.name=sw"])
     summary = run(search, base)
     after = trial_epochs(tmp_path / "sw")
     assert all(after[name] == [0, 1] for name in finished)  # a finished trial is not trained again
     assert len(after) == 2 and all(epochs == [0, 1] for epochs in after.values()), after
-    rows = list(csv.DictReader(open(summary["table"])))
+    with open(summary["table"]) as table:
+        rows = list(csv.DictReader(table))
     # Tune counts epochs trained (epochs_done), not results since the restore: the resumed
     # trial ran 2 epochs, not "1 then stopped early by ASHA".
     assert len(rows) == 2 and {r["stop_reason"] for r in rows} == {"completed"}, rows

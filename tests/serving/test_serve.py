@@ -25,12 +25,18 @@ import torch
 import yaml
 from PIL import Image
 
-from t2i.training import checkpoint as ckpt_lib
 from t2i.cli import main as cli_main
 from t2i.generation.generate import sample_prompts
 from t2i.generation.grid import to_uint8
-from t2i.serving.service import (MAX_BODY_BYTES, CaptionGenerator, GenerationRequest, RequestError, request_from_json,
-                         request_from_query)
+from t2i.serving.service import (
+    MAX_BODY_BYTES,
+    CaptionGenerator,
+    GenerationRequest,
+    RequestError,
+    request_from_json,
+    request_from_query,
+)
+from t2i.training import checkpoint as ckpt_lib
 
 REPO = Path(__file__).resolve().parents[2]
 

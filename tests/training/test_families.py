@@ -5,28 +5,32 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO
-from t2i.training import checkpoint as ckpt_lib
+
 from t2i import config as config_lib
-from t2i.training.losses import alignment_loss
-from t2i.training.encoders import mirror_ids, train_dual_encoder
-from t2i.data.dataset import to_float
+from t2i.data.dataset import load_manifest, load_vocabulary, read_split_arrays, to_float
 from t2i.data.feed import ShardCache, eval_caption_rows
-from t2i.data.dataset import load_manifest, load_vocabulary, read_split_arrays
 from t2i.evaluation.evaluate import shapes_accuracy
-from t2i.training.families import GANFamily, make_family, mismatched_captions
-from t2i.training.optim import extend_schedule, make_optimizer
-from t2i.training.losses import (discriminator_hinge_loss, elbo_loss, gaussian_kl, kl_weight,
-                        matching_aware_gradient_penalty)
 from t2i.models.blocks import bounded_logvar
 from t2i.models.vae import VAEOutput
+from t2i.training import checkpoint as ckpt_lib
+from t2i.training.encoders import mirror_ids, train_dual_encoder
+from t2i.training.families import GANFamily, make_family, mismatched_captions
+from t2i.training.losses import (
+    alignment_loss,
+    discriminator_hinge_loss,
+    elbo_loss,
+    gaussian_kl,
+    kl_weight,
+    matching_aware_gradient_penalty,
+)
+from t2i.training.optim import extend_schedule, make_optimizer
 
 TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "loss.align_weight=0"]
 
 
 def family_for(config_file, vectors, *overrides):
-    cfg = config_lib.load(REPO / "configs" / config_file, list(overrides))
+    cfg = config_lib.load(REPO / "t2i" / "configs" / config_file, list(overrides))
     family = make_family(cfg, vectors)
     family.wrap(lambda net: net)  # no DDP outside Ray Train
     return family
@@ -201,11 +205,10 @@ def test_evaluation_scores_every_image_with_captions_in_turn():
 
 
 def test_all_captions_pairs_each_image_with_its_own_captions(shapes_dir):
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    from t2i.data.feed import all_captions  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
     from t2i.data.dataset import decode_images, shard_paths
+    from t2i.data.feed import all_captions
 
     manifest = load_manifest(shapes_dir)
     table = pq.read_table(shard_paths(shapes_dir, manifest, "dev")[0], columns=["image", "word_ids"])
@@ -220,9 +223,9 @@ def test_all_captions_pairs_each_image_with_its_own_captions(shapes_dir):
 def test_train_cache_is_the_same_whatever_order_the_files_arrive_in(shapes_dir):
     """Ray Data shuffles the files of the train split: the cache sorts them back by image id,
     so one seed gives the same batches in every run."""
-    import pyarrow.parquet as pq  # noqa: PLC0415
+    import pyarrow.parquet as pq
 
-    from t2i.data.dataset import shard_paths  # noqa: PLC0415
+    from t2i.data.dataset import shard_paths
 
     tables = [pq.read_table(p, columns=["image", "word_ids", "image_id"])
               for p in shard_paths(shapes_dir, load_manifest(shapes_dir), "train")]
@@ -300,7 +303,7 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     data = read_split_arrays(shapes_dir, manifest, "train")
     encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors,
                                  mirror_ids(vocab.words), epochs=4, batch=32, width=8, log=lambda line: None)
-    cfg = config_lib.load(REPO / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
+    cfg = config_lib.load(REPO / "t2i" / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
     with pytest.raises(ValueError, match="alignment-loss encoder"):
         make_family(cfg, vocab.vectors)
     frozen = encoder.requires_grad_(False).eval()
@@ -318,7 +321,7 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     assert np.mean(terms[-5:]) < np.mean(terms[:5]) - 0.1, terms
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # never trained here
     with pytest.raises(config_lib.ConfigError, match="align_weight"):
-        config_lib.load(REPO / "configs" / "cvae.toml", ["loss.align_weight=1.0"])
+        config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.align_weight=1.0"])
 
 
 def test_state_digest_sees_any_change_but_not_memory_layout():

@@ -11,13 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from t2i.training import checkpoint as ckpt_lib
 from t2i import config as config_lib
 from t2i.config import ConfigError
-from t2i.data.dataset import load_manifest
-from t2i.data.dataset import DatasetError
-from t2i.generation.generate import sample_prompts
+from t2i.data.dataset import DatasetError, load_manifest
 from t2i.data.text import Vocabulary
+from t2i.generation.generate import sample_prompts
+from t2i.training import checkpoint as ckpt_lib
 
 TINY = ["model.width=8", "model.hidden=64", "model.latent_dim=8", "data.batch_size=32",
         "data.samples_per_prompt=2", "train.keep_best=10", "optim.lr=0.003", "optim.name=adam"]
@@ -66,7 +65,7 @@ def test_config_typo_fails_fast_with_valid_keys():
 def test_config_files_load_and_round_trip(tmp_path):
     from conftest import REPO
 
-    for path in sorted((REPO / "configs").glob("*.toml")):
+    for path in sorted((REPO / "t2i" / "configs").glob("*.toml")):
         cfg = config_lib.load(path)
         saved = tmp_path / path.name
         saved.write_text(config_lib.dumps(cfg))
@@ -176,8 +175,8 @@ def test_resume_refuses_other_model_config_and_corrupt_checkpoint(shapes_dir, tm
     cfg = tiny_cfg(shapes_dir, tmp_path)
     run_dir = tmp_path / "run" / "checkpoint_a"
     run_dir.mkdir(parents=True)
-    from t2i.models import build_model
     from t2i.data.dataset import load_vocabulary
+    from t2i.models import build_model
 
     vocab = load_vocabulary(shapes_dir)
     ckpt_lib.save(run_dir, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=0, metrics={})
@@ -233,9 +232,10 @@ def test_gan_killed_run_resumes_at_next_epoch_with_both_networks(shapes_dir, tmp
     """The gan family in the same Ray Train loop: a crash after epoch 0, a re-run resumes at
     epoch 1 from a checkpoint holding both networks and both optimizers."""
     from conftest import REPO
+
     from t2i.training.driver import check_resume, fit
 
-    cfg = config_lib.load(REPO / "configs" / "gan.toml", GAN_TINY + [
+    cfg = config_lib.load(REPO / "t2i" / "configs" / "gan.toml", GAN_TINY + [
         f"data.path={shapes_dir}", f"train.storage_path={tmp_path}", "train.name=gan", "train.epochs=3",
         "train.max_failures=0"])
     first = fit(cfg, fail_once_at_epoch=1)
