@@ -35,7 +35,7 @@ class UnknownCaptionError(T2IError):
 def tokenize(caption: str) -> list[str]:
     """Lowercase word tokens as GloVe 6B saw them: punctuation dropped, clitics split off
     ("A man's dog doesn't run." -> a, man, 's, dog, does, n't, run; "a horse 's lead" keeps
-    its "'s", which Flickr8k's already-tokenized captions have 394 times)."""
+    its "'s", as Flickr8k's already-tokenized captions write it)."""
     tokens = []
     for token in _TOKEN.findall(caption.lower().replace("\u2019", "'")):
         if token.startswith("'"):  # already split ("horse 's", as Flickr8k's captions are) or a quote

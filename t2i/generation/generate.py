@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,15 +25,25 @@ def encode_prompts(vocab: Vocabulary, prompts: list[str], max_words: int) -> tor
 
 
 @torch.no_grad()
-def sample_prompts(model, vocab: Vocabulary, prompts: list[str], n: int, max_words: int, seed: int,
-                   deterministic: bool = False) -> torch.Tensor:
-    """(P, n, 3, 64, 64) images; the same seed gives the same images."""
+def sample_prompts(model, vocab: Vocabulary, prompts: list[str], n: int, max_words: int,
+                   seed: int | Sequence[int], deterministic: bool = False) -> torch.Tensor:
+    """(P, n, 3, 64, 64) images. Each prompt's n noise vectors come from its own generator
+    seeded with ``seed`` (or ``seed[i]`` for prompt i), as the server draws a request: a
+    prompt gives the same images whatever other prompts it is drawn with."""
+    seeds = [seed] * len(prompts) if isinstance(seed, int) else list(seed)
+    if len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    images = model.sample(encode_prompts(vocab, prompts, max_words).to(device), n=n,
-                          deterministic=deterministic, generator=generator)
+    word_ids = encode_prompts(vocab, prompts, max_words).to(device)
+    if deterministic:
+        images = model.sample(word_ids, n=n, deterministic=True)
+    else:
+        noise = [torch.randn((n, model.latent_dim), generator=torch.Generator(device=device).manual_seed(s),
+                             device=device) for s in seeds]
+        images = model.sample_from_noise(word_ids.repeat_interleave(n, dim=0), torch.cat(noise))
+        images = images.view(len(prompts), n, *images.shape[1:])
     model.train(was_training)
     return images
 
@@ -61,7 +72,8 @@ def generate(checkpoint: str | Path, prompts: list[str], out: str | Path, n: int
         images = []
         for start in progress(range(0, len(lines), batch), "generate", unit="batch"):
             chunk = lines[start: start + batch]
-            images.append(sample_prompts(loaded.model, loaded.vocab, chunk, 1, max_words, seed + start)[:, 0])
+            seeds = range(seed + start, seed + start + len(chunk))  # line i is drawn with seed + i
+            images.append(sample_prompts(loaded.model, loaded.vocab, chunk, 1, max_words, seeds)[:, 0])
         if not images:
             raise UnknownCaptionError(f"{path} has no captions")
         files = save_each(torch.cat(images), out)

@@ -89,10 +89,12 @@ def test_batched_drawing_matches_generate_and_is_independent_of_the_batch(checkp
         assert np.array_equal(a.images, b.images) and a.pngs() == b.pngs()
     assert np.array_equal(together[0].images, together[2].images)
     assert not np.array_equal(together[0].images[0], together[0].images[1])  # draws differ within a request
-    # The same images as `python -m t2i generate --seed 11 --n 3 CAPTION`.
+    # The same images as `t2i generate --seed 11 --n 3 CAPTION`, also beside other prompts.
     loaded = ckpt_lib.load(checkpoint)
     expected = sample_prompts(loaded.model, loaded.vocab, [requests[0].caption], 3, 32, 11)[0]
     assert np.array_equal(together[0].images, to_uint8(expected))
+    beside = sample_prompts(loaded.model, loaded.vocab, ["a green triangle", requests[0].caption], 3, 32, 11)[1]
+    assert np.array_equal(together[0].images, to_uint8(beside))
     assert together[1].words == ["a", "small", "blue", "square"] and together[1].unknown == ["xyzzy"]
     with pytest.raises(RequestError) as caught:
         generator.read(GenerationRequest("xyzzy qwerty", 1, 0))
