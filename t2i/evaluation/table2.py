@@ -18,7 +18,7 @@ import torch
 
 from t2i import config as config_lib
 from t2i.evaluation.evaluate import KNN, EvaluationSettings, evaluate
-from t2i.generation.generate import sample_prompts
+from t2i.generation.generate import max_words_of, sample_prompts
 from t2i.generation.grid import save_grid
 from t2i.models import count_parameters
 from t2i.training import checkpoint as ckpt_lib
@@ -105,13 +105,14 @@ def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: dic
                 raise ckpt_lib.CheckpointError(f"{runs / key} has {summary['epochs_done']} of {wanted_epochs} "
                                                "epochs; run without --no-train to train it")
             summary = train_run(key, config_file, data, runs, wanted_epochs)
-        checkpoint = summary["latest_checkpoint"]
+        checkpoint = summary["best_checkpoint"]  # as generate, evaluate and serve pick it: by `selection`
         loaded = ckpt_lib.load(checkpoint)
         result = evaluate(checkpoint, data, "test", out=out_dir / f"eval_{key}.json",
                           settings=EvaluationSettings(max_pairs=max_pairs))
         rows.append({"key": key, "label": label, "params": count_parameters(loaded.model),
-                     "train": summary["metrics"], "eval": result["splits"]["test"], "epochs": summary["epochs_done"]})
-        grids.append(sample_prompts(loaded.model, loaded.vocab, list(SEED_CAPTIONS), 4, 32, seed=0))
+                     "train": summary["metrics"], "eval": result["splits"]["test"], "epochs": summary["epochs_done"],
+                     "checkpoint_epoch": int(loaded.state["epoch"]) + 1})
+        grids.append(sample_prompts(loaded.model, loaded.vocab, list(SEED_CAPTIONS), 4, max_words_of(loaded), seed=0))
         prompts += [f"{label}: {c}" for c in SEED_CAPTIONS]
     save_grid(torch.cat(grids), prompts, out_dir / "samples.png")
     text = render_markdown(rows, regenerate_command(data, rows, max_pairs))
@@ -119,6 +120,12 @@ def build_report(data: str | Path, runs: str | Path = "runs/table2", epochs: dic
     (out_dir / "table2.json").write_text(json.dumps(rows, indent=2, default=float) + "\n")
     print(text)
     return {"table": str(out_dir / "table2.md"), "samples": str(out_dir / "samples.png")}
+
+
+def _best_epoch(row: dict) -> str:
+    """The evaluated (best) checkpoint's epoch where it is not the last one."""
+    best = row.get("checkpoint_epoch")
+    return f" (best: {best})" if best and best != row["epochs"] else ""
 
 
 def _rp(result: dict) -> str:
@@ -138,6 +145,7 @@ def render_markdown(rows: list[dict], command: str) -> str:
         "",
         f"Test split: {first['images']} images; scored: {first['pairs']} caption/image pairs showing "
         f"{first.get('images_scored', '?')} of those images; hardware: {hardware()}.",
+        "Each row is scored at its best checkpoint by `selection` (the one generate, evaluate and serve use).",
         "Generated = from the caption alone (`mean` = prior mean, for the gan the CA mean with z = 0;",
         "`sample` = one random draw, the output a GAN is judged by). Lower MSE is better,",
         "higher PSNR/SSIM/R-precision is better. Sharpness is the variance of the Laplacian relative to the",
@@ -157,7 +165,8 @@ def render_markdown(rows: list[dict], command: str) -> str:
         m = row["eval"]["results"]
         mean, sample, elbo, train = m["model_mean"], m.get("model_sample", {}), m.get("model_elbo", {}), row["train"]
         lines.append(
-            f"| {row['label']} | {row['params'] / 1e6:.2f}M | {row['epochs']} | {train.get('epoch_s', 0):.0f} "
+            f"| {row['label']} | {row['params'] / 1e6:.2f}M | {row['epochs']}{_best_epoch(row)} "
+            f"| {train.get('epoch_s', 0):.0f} "
             f"| {_cell(train.get('train_mse'), '.4f')} | {_cell(train.get('train_kl'), '.1f')} "
             f"| {_cell(elbo.get('mse'), '.4f')} | {_cell(elbo.get('kl'), '.1f')} "
             f"| {mean['mse']:.4f} | {sample.get('mse', float('nan')):.4f} | {mean['psnr']:.2f} | {mean['ssim']:.3f} "

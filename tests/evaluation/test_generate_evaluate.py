@@ -202,3 +202,27 @@ def test_report_epochs_per_row_and_the_command_that_rebuilds_the_table():
     rows = [{"key": k, "epochs": 3} for k in ("model1", "model2", "cvae")] + [{"key": "gan", "epochs": 20}]
     command = regenerate_command(Path("data/f8k").resolve(), rows, 2000)
     assert command.endswith("--epochs 3 --epochs gan=20 --max-pairs 2000"), command
+
+
+def test_report_scores_each_row_at_its_best_checkpoint(checkpoint, shapes_dir, tmp_path, monkeypatch):
+    """A row is scored at the run's best checkpoint by `selection` (the one generate, evaluate
+    and serve use), not its latest, and the table shows that epoch."""
+    from t2i.evaluation import table2
+
+    loaded = ckpt_lib.load(checkpoint)
+    run = tmp_path / "runs" / "cvae"
+    for epoch, selection in ((0, 0.5), (1, 0.9)):  # the first epoch is the best
+        (run / f"checkpoint_{epoch:06d}").mkdir(parents=True)
+        ckpt_lib.save(run / f"checkpoint_{epoch:06d}", model=loaded.model, cfg=loaded.config, vocab=loaded.vocab,
+                      epoch=epoch, metrics={"selection": selection, "selected_by": "dev_gen_mse"},
+                      data={"max_words": 32, "dataset": "shapes"})
+    monkeypatch.setattr(table2, "MODELS", (("cvae", "cvae", "shapes"),))
+    scored = []
+    real_evaluate = table2.evaluate
+    monkeypatch.setattr(table2, "evaluate", lambda ckpt, *a, **k: scored.append(str(ckpt)) or real_evaluate(ckpt, *a, **k))
+    table2.build_report(shapes_dir, runs=tmp_path / "runs", epochs={"*": 2}, out_dir=tmp_path / "out", max_pairs=40,
+                        train_missing=False)
+    assert len(scored) == 1 and "checkpoint_000000" in scored[0]
+    row = json.loads((tmp_path / "out" / "table2.json").read_text())[0]
+    assert row["epochs"] == 2 and row["checkpoint_epoch"] == 1
+    assert "| 2 (best: 1) |" in (tmp_path / "out" / "table2.md").read_text()
