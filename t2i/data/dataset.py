@@ -124,6 +124,17 @@ def read_split_arrays(root: str | Path, manifest: dict, split: str, attributes: 
     return out
 
 
+def sample_caption_rows(root: str | Path, manifest: dict, split: str, k: int, seed: int = 0) -> np.ndarray:
+    """``k`` caption rows (k, L) of distinct text, drawn with ``seed`` from the split's first
+    shard only: a fixed sample whose cost does not grow with the data set."""
+    filesystem, paths = storage.filesystem_and_paths(shard_paths(root, manifest, split)[:1])
+    _, ids = caption_rows(pq.read_table(paths, columns=["word_ids"], filesystem=filesystem).column("word_ids"))
+    distinct = np.unique(ids, axis=0)
+    if len(distinct) < k:
+        raise DatasetError(f"the first {split} shard of {root} has {len(distinct)} distinct captions; {k} are needed")
+    return distinct[np.sort(np.random.default_rng(seed).choice(len(distinct), size=k, replace=False))]
+
+
 def to_float(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
     return torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float().div(255.0)

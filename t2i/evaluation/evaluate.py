@@ -26,6 +26,7 @@ from t2i.data import shapes
 from t2i.data.dataset import DatasetError, load_manifest, load_vocabulary, read_split_arrays, to_float
 from t2i.data.text import Vocabulary
 from t2i.evaluation import metrics
+from t2i.evaluation.distribution import judge_distances, spectrum_check
 from t2i.evaluation.judges import PixelNeighbourJudge, r_precision
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training import encoders
@@ -241,13 +242,23 @@ def score_split(context: EvaluationContext, split: str) -> dict:
         table[name]["r_precision_pixel"], table[name]["r_precision_pixel_std"] = pixel["r_precision"], pixel["r_precision_std"]
     generated = {"model_mean": generated, **({"model_sample": sampled_first} if samples else {})}
     copies = copy_check(generated, truth_all, train["images"])
+    distribution = set_distances(context, truth_all, {**generated, f"baseline_knn{KNN}": knn})
     if is_shapes:
         for name in ("real", "model_mean", "model_sample", f"baseline_knn{KNN}"):
             if name in rp:
                 table[name]["attributes"] = shapes_accuracy(rp[name], part["attributes"], part["caption_image"])
     return {"pairs": len(ids), "images": len(part["images"]),
             "images_scored": len(np.unique(part["caption_image"])),  # a random subset of pairs misses some
-            "results": table, "copy_check": copies}
+            "results": table, "copy_check": copies, "distribution": distribution}
+
+
+def set_distances(context: EvaluationContext, real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict:
+    """Judge Fréchet / kernel distances and the power-spectrum check of each image set
+    against the split's real images, with real train images as the floor (``real_train``)."""
+    sets = {**sets, "real_train": to_float(context.train["images"])}
+    distances = judge_distances(context.judge, real, sets)
+    spectra = spectrum_check(real, sets)
+    return {name: {**distances[name], **{f"spectrum_{k}": v for k, v in spectra[name].items()}} for name in sets}
 
 
 def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:

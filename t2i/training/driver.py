@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from t2i import console, storage
 from t2i.config import Config, ConfigError
-from t2i.data.dataset import load_manifest, load_vocabulary
+from t2i.data.dataset import load_manifest, load_vocabulary, sample_caption_rows
 from t2i.data.feed import ExactEvalDataConfig, build_datasets, worker_shard_bytes
 from t2i.data.prepare import ensure_shapes
 from t2i.data.text import Vocabulary
@@ -44,6 +44,7 @@ from t2i.runtime.ray_env import (
 from t2i.runtime.relay import following
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training import encoders, run_files
+from t2i.training.families import DEV_ALIGN_DISTRACTORS
 from t2i.training.loop import DataInfo, WorkerPlan, train_func
 
 
@@ -199,12 +200,13 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     cpus, cpus_reason = choose_cpus_per_worker(cfg.train.cpus_per_worker, gpu, cfg.train.num_workers, cluster_cpus,
                                                node_shapes())
-    aligner = None
+    aligner, distractors = None, None
     if cfg.loss.align_weight > 0:
         aligner = shared_encoder(encoders.ALIGNMENT_LOSS, data_root, manifest, gpu)
+        distractors = sample_caption_rows(data_root, manifest, "train", DEV_ALIGN_DISTRACTORS, seed=cfg.train.seed)
     plan = WorkerPlan(
         cfg=cfg, run_dir=str(run_dir), train_images=manifest["splits"]["train"]["images"],
-        prompts=prompts, alignment_encoder=aligner, fail_once_at_epoch=fail_once_at_epoch,
+        prompts=prompts, alignment_encoder=aligner, dev_distractors=distractors, fail_once_at_epoch=fail_once_at_epoch,
         data=DataInfo(dataset=manifest["dataset"], path=str(data_root), image_size=manifest["image_size"],
                       max_words=manifest["max_words"], embedding=manifest["embedding"], mode=data_mode(cfg, manifest)))
     quiet_ray_data()  # before the datasets copy Ray Data's context

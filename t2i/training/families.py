@@ -37,6 +37,7 @@ from t2i.training.losses import (
     generator_hinge_loss,
     kl_weight,
     matching_aware_gradient_penalty,
+    pooled_alignment_loss,
     standard_normal_kl,
 )
 from t2i.training.optim import clip_and_step, extend_schedule, make_optimizer, make_scheduler
@@ -85,12 +86,15 @@ class Family(abc.ABC):
             return metrics[self.FALLBACK_SELECTION], self.FALLBACK_SELECTION
         return -float(metrics["epoch"]), "latest epoch"
 
-    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
+    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None,
+                 dev_distractors: np.ndarray | None = None):
         self.cfg = cfg
         self.model = build_model(cfg.model, vectors)
         # A frozen helper network (the gan's alignment loss; the config refuses the weight
         # for other families): never trained or checkpointed here (cached beside the data).
         self.alignment_encoder = alignment_encoder
+        # dev_align's fixed candidate captions (train-split rows): the same for every pair.
+        self.dev_distractors = None if dev_distractors is None else torch.as_tensor(dev_distractors).long()
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedulers: dict[str, object] = {}
 
@@ -118,6 +122,8 @@ class Family(abc.ABC):
         """Move the frozen helper networks (which :meth:`wrap` leaves alone) to ``device``."""
         if self.alignment_encoder is not None:
             self.alignment_encoder.to(device)
+        if self.dev_distractors is not None:
+            self.dev_distractors = self.dev_distractors.to(device)
 
     def train(self, mode: bool = True) -> None:
         for net in self.networks().values():
@@ -206,8 +212,9 @@ class GANFamily(Family):
     TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
     EVAL_TERMS = ("loss", "kl", "align", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
 
-    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None):
-        super().__init__(cfg, vectors, alignment_encoder)
+    def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None,
+                 dev_distractors: np.ndarray | None = None):
+        super().__init__(cfg, vectors, alignment_encoder, dev_distractors)
         self.discriminator = build_discriminator(cfg.model, vectors)
         if cfg.loss.align_weight > 0 and alignment_encoder is None:
             raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
@@ -216,14 +223,22 @@ class GANFamily(Family):
     @property
     def selection_metric(self) -> str:
         # With the alignment loss: how well each dev caption's random draw picks out that
-        # caption among the batch's, under the frozen loss encoder (not the judge). The
-        # caption-only MSE would rank the blurriest epoch best.
+        # caption among a fixed pool of others, under the frozen loss encoder (not the
+        # judge). The caption-only MSE would rank the blurriest epoch best.
         return "dev_align" if self.alignment_encoder is not None else "dev_gen_mse"
 
     def _alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
         if self.alignment_encoder is None:
             return images.new_zeros(())
         return alignment_loss(self.alignment_encoder, images.float(), word_ids)
+
+    def _dev_alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+        """dev_align: each pair against the fixed distractor pool (never the batch's captions)."""
+        if self.alignment_encoder is None:
+            return images.new_zeros(())
+        if self.dev_distractors is None:
+            raise ValueError("dev_align needs the fixed distractor captions (make_family's dev_distractors)")
+        return pooled_alignment_loss(self.alignment_encoder, images.float(), word_ids, self.dev_distractors)
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"model": self.model, "discriminator": self.discriminator}
@@ -247,7 +262,7 @@ class GANFamily(Family):
         with torch.no_grad(), autocast():
             fake, _, _ = self.model(word_ids)
         logits = self.discriminator(torch.cat([images, images, fake.float()]),
-                                    torch.cat([word_ids, mismatched_captions(word_ids), word_ids]))
+                                    torch.cat([word_ids, mismatched_captions(word_ids, images), word_ids]))
         terms = discriminator_hinge_loss(*logits.float().chunk(3))
         critic = unwrap(self.discriminator)
         penalty = matching_aware_gradient_penalty(critic.score, images, critic.encode_text(word_ids),
@@ -279,23 +294,42 @@ class GANFamily(Family):
         with autocast():
             fake, mu, logvar = generator(word_ids)
         logits = critic(torch.cat([images, images, fake.float()]),
-                        torch.cat([word_ids, mismatched_captions(word_ids), word_ids])).float()
+                        torch.cat([word_ids, mismatched_captions(word_ids, images), word_ids])).float()
         d_terms = discriminator_hinge_loss(*logits.chunk(3))
         kl = standard_normal_kl(mu, logvar)
-        align = self._alignment(fake, word_ids)
+        align = self._dev_alignment(fake, word_ids)
         loss = generator_hinge_loss(logits.chunk(3)[2]) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
         return {"loss": loss, "kl": kl, "align": align, **d_terms,
                 "gen_mse": generation_error(generator, images, word_ids).mean()}
 
 
-def mismatched_captions(word_ids: torch.Tensor) -> torch.Tensor:
-    """Each image paired with the next image's caption (DF-GAN's batch roll by one)."""
-    return torch.roll(word_ids, shifts=1, dims=0)
+def mismatched_captions(word_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Each image paired with a caption of another image: DF-GAN's batch roll by one, rolled
+    further for the rows whose partner shows the same image (an evaluation batch holds each
+    image's captions side by side). A training batch of distinct images is a plain roll."""
+    n = len(word_ids)
+    pixels = images.flatten(1)
+    rows = torch.arange(n, device=word_ids.device)
+    partner = torch.roll(rows, 1)
+    same = (pixels[partner] == pixels).all(1)
+    for shift in range(2, n):
+        if not same.any():
+            break
+        candidate = torch.roll(rows, shift)
+        better = same & ~(pixels[candidate] == pixels).all(1)
+        partner = torch.where(better, candidate, partner)
+        same &= ~better
+    return word_ids[partner]
 
+
+DEV_ALIGN_DISTRACTORS = 99  # dev_align ranks each caption among 100, as R-precision does
 
 FAMILIES: dict[str, type[Family]] = {"seed": VAEFamily, "cvae": VAEFamily, "gan": GANFamily}
 
 
-def make_family(cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None) -> Family:
-    """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used)."""
-    return FAMILIES[cfg.model.family](cfg, vectors, alignment_encoder)
+def make_family(cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None,
+                dev_distractors: np.ndarray | None = None) -> Family:
+    """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used);
+    ``dev_distractors``: dev_align's fixed candidate captions (``DEV_ALIGN_DISTRACTORS`` rows
+    of the train split, drawn on the driver)."""
+    return FAMILIES[cfg.model.family](cfg, vectors, alignment_encoder, dev_distractors)

@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -56,6 +57,7 @@ class WorkerPlan:
     train_images: int                 # images in the train split (the KL warm-up's clock)
     prompts: tuple[str, ...]          # validation prompts drawn to a grid every epoch
     alignment_encoder: dict | None = None  # frozen weights of the gan's alignment-loss encoder
+    dev_distractors: np.ndarray | None = None  # dev_align's fixed candidate captions (train rows)
     fail_once_at_epoch: int = -1      # fault drill for tests: raise once in this epoch
 
 
@@ -129,7 +131,7 @@ def train_func(config: dict) -> None:
     vocab = load_vocabulary(plan.data.path)
     aligner = (encoders.build(encoders.ALIGNMENT_LOSS, vocab.vectors, plan.alignment_encoder)
                if plan.alignment_encoder else None)
-    family = make_family(cfg, vocab.vectors, aligner)
+    family = make_family(cfg, vocab.vectors, aligner, plan.dev_distractors)
     start_epoch, resumed = 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:

@@ -97,6 +97,24 @@ def matching_aware_gradient_penalty(score, images: torch.Tensor, sentence: torch
     return k * norm.pow(p).mean()
 
 
+def pooled_alignment_loss(encoder: DualEncoder, images: torch.Tensor, word_ids: torch.Tensor,
+                          distractor_ids: torch.Tensor) -> torch.Tensor:
+    """Each image's own caption against one fixed pool of distractor captions: the
+    cross-entropy of the true caption among [true, distractors] at the encoder's temperature,
+    averaged over the pairs. Every pair meets the same candidates whatever batch, worker count
+    or stream order it arrives in (R-precision's fixed pools, as in t2i.evaluation.judges), so
+    it ranks checkpoints where the in-batch InfoNCE moves with the evaluation batch; the
+    distractors come from the train split, so none describes an evaluated image, and one that
+    reads exactly like the true caption is left out."""
+    img = encoder.embed_images(images)
+    scale = encoder.log_scale.exp()
+    true = scale * (img * encoder.embed_text(word_ids)).sum(1, keepdim=True)
+    others = scale * img @ encoder.embed_text(distractor_ids).t()
+    same_text = (word_ids[:, None, :] == distractor_ids[None, :, :]).all(-1)
+    logits = torch.cat([true, others.masked_fill(same_text, float("-inf"))], 1)
+    return (torch.logsumexp(logits, 1) - logits[:, 0]).mean()
+
+
 def alignment_loss(encoder: DualEncoder, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
     """AttnGAN's DAMSM sentence loss (Xu et al. 2018, eq. 10-11) with a frozen encoder: each
     generated image must pick out its own caption among the batch's, and each caption its

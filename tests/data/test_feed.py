@@ -12,11 +12,12 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from t2i import config as config_lib
-from t2i.data.feed import EpochFeed, FeedPlan, build_datasets
 from t2i.data.dataset import load_manifest
+from t2i.data.feed import EpochFeed, FeedPlan, build_datasets
 
 SEED = 3
 
@@ -162,3 +163,15 @@ def test_caption_draws_are_uniform_and_fixed_per_image(seed):
     assert not np.array_equal(draws, caption_draws(keys, seed, 6))
     rows = pick_rows(np.arange(0, 100001, 5), draws)  # 5 captions per image: each used ~1/5 of the time
     assert np.bincount(rows % 5).min() > 3700
+
+
+def test_sample_caption_rows_is_seeded_distinct_and_bounded(shapes_dir):
+    from t2i.data.dataset import DatasetError, load_manifest, sample_caption_rows
+
+    manifest = load_manifest(shapes_dir)
+    rows = sample_caption_rows(shapes_dir, manifest, "train", 20, seed=3)
+    assert rows.shape == (20, manifest["max_words"]) and len(np.unique(rows, axis=0)) == 20
+    assert np.array_equal(rows, sample_caption_rows(shapes_dir, manifest, "train", 20, seed=3))
+    assert not np.array_equal(rows, sample_caption_rows(shapes_dir, manifest, "train", 20, seed=4))
+    with pytest.raises(DatasetError, match="distinct captions"):
+        sample_caption_rows(shapes_dir, manifest, "train", 10**6)

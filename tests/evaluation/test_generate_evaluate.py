@@ -188,6 +188,13 @@ def test_evaluate_reports_model_and_baselines(checkpoint, shapes_dir, tmp_path):
     assert test["pairs"] == len(part["word_ids"])
     assert set(test["copy_check"]) == {"real_median", "model_mean_median", "model_mean_ratio",
                                        "model_sample_median", "model_sample_ratio"}
+    # Set-level distances with their floor: real train images are nearer the real test images
+    # (judge features, spectrum) than the flat mean-of-50 baseline is.
+    dist = test["distribution"]
+    assert set(dist) == {"model_mean", "model_sample", "baseline_knn50", "real_train"}
+    assert dist["real_train"]["fd"] < dist["baseline_knn50"]["fd"]
+    assert dist["real_train"]["spectrum_distance"] < dist["baseline_knn50"]["spectrum_distance"]
+    assert all(np.isfinite(v["kd"]) and np.isfinite(v["spectrum_peak"]) for v in dist.values())
 
 
 def test_report_epochs_per_row_and_the_command_that_rebuilds_the_table():

@@ -23,6 +23,7 @@ from t2i.training.losses import (
     gaussian_kl,
     kl_weight,
     matching_aware_gradient_penalty,
+    pooled_alignment_loss,
 )
 from t2i.training.optim import extend_schedule, make_optimizer
 
@@ -141,7 +142,8 @@ def test_matching_aware_term_uses_mismatched_captions(shapes_dir):
     family.discriminator_step(images, word_ids)
     real, wrong, fake = seen["ids"].chunk(3)
     assert torch.equal(real, word_ids) and torch.equal(fake, word_ids)
-    assert torch.equal(wrong, mismatched_captions(word_ids))
+    assert torch.equal(wrong, mismatched_captions(word_ids, images))
+    assert torch.equal(wrong, torch.roll(word_ids, 1, 0))  # distinct images: DF-GAN's plain roll
     assert all(not torch.equal(a, b) for a, b in zip(wrong, word_ids))  # every image gets another caption
     # The hinge terms: a D that scores everything 0 pays 1 on each term, 2 in total.
     terms = discriminator_hinge_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4))
@@ -455,3 +457,34 @@ def test_flip_augmentation_mirrors_left_and_right_in_the_caption():
     mapping = mirror_ids(words)
     assert [words[j] for j in mapping] == ["<pad>", "a", "circle", "right", "top", "left"]
     assert mirror_ids(["<pad>", "left", "dog"]) is None      # no "right" to swap with: never flip
+
+
+def test_mismatched_captions_never_describe_the_same_image():
+    """An evaluation batch holds each image's captions side by side ([A A A B B C]): a roll
+    by one would pair A with its own captions; every row must get another image's caption."""
+    images = torch.rand(3, 3, 8, 8)[torch.tensor([0, 0, 0, 1, 1, 2])]
+    word_ids = torch.arange(6).unsqueeze(1).repeat(1, 4) + 1
+    wrong = mismatched_captions(word_ids, images)
+    source = wrong[:, 0] - 1  # which row each mismatched caption came from
+    image_of = torch.tensor([0, 0, 0, 1, 1, 2])
+    assert (image_of[source] != image_of).all(), source
+    same = torch.rand(1, 3, 8, 8).expand(4, -1, -1, -1)  # one image only: nothing else to pick
+    assert mismatched_captions(word_ids[:4], same).shape == (4, 4)
+
+
+def test_dev_alignment_scores_each_pair_against_a_fixed_pool(shapes_dir):
+    """dev_align's value for a pair does not depend on what else is in its batch, and a
+    distractor reading exactly like the true caption is left out."""
+    vocab = load_vocabulary(shapes_dir)
+    data = read_split_arrays(shapes_dir, load_manifest(shapes_dir), "train")
+    encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors, None,
+                                 epochs=1, batch=32, seed=0, width=8, log=lambda _: None)
+    encoder.requires_grad_(False)
+    images, word_ids = fixed_batch(shapes_dir, 12)
+    pool = word_ids[6:]
+    whole = torch.stack([pooled_alignment_loss(encoder, images[i:i + 1], word_ids[i:i + 1], pool) for i in range(6)])
+    assert torch.allclose(pooled_alignment_loss(encoder, images[:6], word_ids[:6], pool), whole.mean(), atol=1e-6)
+    assert torch.allclose(pooled_alignment_loss(encoder, images[:3], word_ids[:3], pool), whole[:3].mean(), atol=1e-6)
+    # The true caption among the pool itself: it is not its own distractor (finite, >= 0).
+    own = pooled_alignment_loss(encoder, images[6:7], word_ids[6:7], pool)
+    assert torch.isfinite(own) and own >= 0

@@ -1,0 +1,85 @@
+"""How far generated images lie from real ones as a whole set, with no download:
+
+* **judge Fréchet distance** (FD) and **kernel distance** (KD): FID's and KID's formulas
+  (Heusel et al. 2017; Bińkowski et al. 2018, via ``torchmetrics``) computed on the pooled
+  image features of t2i's own evaluation judge, not Inception's: the numbers are not FID
+  and compare only with each other. Their floor is real train images against real test
+  images, reported beside them.
+* **power-spectrum check**: the mean 2-D power spectrum of the images' luminance against
+  the real images' (Durall et al. 2020). An upsampling grid (checkerboard artefacts, Odena
+  et al. 2016) puts power on a few isolated frequencies: ``peak`` is the largest excess over
+  the real spectrum at any one frequency (log10, so 1.0 = ten times the real power there),
+  ``distance`` the mean gap over all frequencies (blur shows there, as missing high
+  frequencies). Real train against real test images gives the floor of both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from t2i.models.dual_encoder import DualEncoder
+
+KID_SUBSETS = 50
+KID_SUBSET_SIZE = 1000
+
+
+class JudgeFeatures(nn.Module):
+    """The judge's image tower up to its pooled CNN features (before the projection into the
+    caption space, as FID reads Inception's pool features); ``num_features`` for torchmetrics."""
+
+    def __init__(self, judge: DualEncoder):
+        super().__init__()
+        self.trunk = judge.image[:-1]  # every layer but the final Linear projection
+        self.num_features = judge.image[-1].in_features
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.trunk(images.float())
+
+
+def _feed(metric, images: torch.Tensor, real: bool, batch: int = 512) -> None:
+    for start in range(0, len(images), batch):
+        metric.update(images[start: start + batch], real=real)
+
+
+def judge_distances(judge: DualEncoder, real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{name: {"fd": ..., "kd": ..., "kd_std": ...}} of each image set (N, 3, H, W) in [0, 1]
+    against ``real``; the real features are computed once."""
+    features = JudgeFeatures(judge).eval()
+    size = tuple(real.shape[1:])
+    fd = FrechetInceptionDistance(feature=features, normalize=True, input_img_size=size, reset_real_features=False)
+    _feed(fd, real, real=True)
+    out = {}
+    for name, images in sets.items():
+        subset = min(KID_SUBSET_SIZE, len(real), len(images))
+        kd = KernelInceptionDistance(feature=features, normalize=True, subsets=KID_SUBSETS, subset_size=subset)
+        _feed(kd, real, real=True)
+        _feed(kd, images, real=False)
+        fd.reset()  # drops the fake features only (reset_real_features=False)
+        _feed(fd, images, real=False)
+        kd_mean, kd_std = kd.compute()
+        out[name] = {"fd": float(fd.compute()), "kd": float(kd_mean), "kd_std": float(kd_std), "n": len(images)}
+    return out
+
+
+def log_power_spectrum(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (H, W) log10 of the mean power spectrum of the luminance
+    (each image's mean removed; zero frequency at the centre)."""
+    luma = (images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    luma = luma - luma.mean(dim=(1, 2), keepdim=True)
+    power = torch.fft.fftshift(torch.fft.fft2(luma).abs().pow(2).mean(0))
+    return torch.log10(power + 1e-8)
+
+
+def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """{name: {"peak": max over frequencies of log10(P / P_real), "distance": mean
+    |log10 P - log10 P_real|}} for each image set against ``real``."""
+    reference = log_power_spectrum(real)
+    out = {}
+    for name, images in sets.items():
+        excess = log_power_spectrum(images) - reference
+        out[name] = {"peak": float(excess.max()), "distance": float(excess.abs().mean())}
+    return out
