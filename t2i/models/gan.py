@@ -60,7 +60,9 @@ class GANGenerator(TextToImage):
 
 
 class Discriminator(nn.Module):
-    """(image, caption) -> one realness-and-match logit per pair."""
+    """(image, caption) -> one realness-and-match logit per pair, in DF-GAN's two parts: an
+    image trunk (its NetD: pixels -> a 4x4 feature map, caption-blind) and a joint head (its
+    NetC: features + sentence -> logit), so one pass of the trunk serves several captions."""
 
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", hidden: int = 256,
                  width: int = 32):
@@ -74,10 +76,27 @@ class Discriminator(nn.Module):
     def encode_text(self, word_ids: torch.Tensor) -> torch.Tensor:
         return self.text(word_ids)
 
-    def score(self, images: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
-        features = self.image(images * 2 - 1)  # [0, 1] -> [-1, 1], as GANs usually see pixels
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The trunk (DF-GAN's NetD): (B, 3, 64, 64) in [0, 1] -> (B, 8 * width, 4, 4)."""
+        return self.image(images * 2 - 1)  # [0, 1] -> [-1, 1], as GANs usually see pixels
+
+    def logits(self, features: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """The head (DF-GAN's NetC): the sentence tiled over the feature map, two convs."""
         joined = torch.cat([features, sentence[:, :, None, None].expand(-1, -1, *features.shape[2:])], 1)
         return self.joint(joined).flatten()
 
-    def forward(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
-        return self.score(images, self.encode_text(word_ids))
+    def score(self, images: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.features(images), sentence)
+
+    def forward(self, real: torch.Tensor, fake: torch.Tensor, word_ids: torch.Tensor,
+                other_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The discriminator step's one pass (DF-GAN's train loop): the trunk runs once on the
+        real and once on the generated images, and the real features serve both the matching
+        pairs and the mismatched ones (caption i against the image ``other_image[i]``).
+        Returns the logits of (real, caption), (other real image, caption), (fake, caption)
+        and the sentence vectors (the gradient penalty differentiates through them)."""
+        sentence = self.encode_text(word_ids)
+        features = self.features(torch.cat([real, fake]))
+        real_features, fake_features = features[: len(real)], features[len(real):]
+        return (self.logits(real_features, sentence), self.logits(real_features[other_image], sentence),
+                self.logits(fake_features, sentence), sentence)

@@ -251,38 +251,42 @@ class GANFamily(Family):
 
     def train_step(self, images: torch.Tensor, word_ids: torch.Tensor, epoch_progress: float,
                    autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        d_terms = self.discriminator_step(images, word_ids, autocast)
-        return {**self.generator_step(word_ids, autocast), **d_terms}
+        """DF-GAN's step: one generator pass, whose sample D first learns to reject and G
+        then learns from (its graph kept for the G step)."""
+        with autocast():
+            fake, mu, logvar = self.model(word_ids)
+        d_terms = self.discriminator_step(images, word_ids, fake.detach())
+        return {**self.generator_step(word_ids, fake, mu, logvar), **d_terms}
 
     def discriminator_step(self, images: torch.Tensor, word_ids: torch.Tensor,
-                           autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        """Hinge on (real, caption) vs (real, mismatched caption) and (fake, caption), + MA-GP."""
-        # One forward over [real | real | fake] so DDP sees one pass. The fake is drawn
-        # without a graph: a DDP forward that never gets a backward breaks DDP.
-        with torch.no_grad(), autocast():
-            fake, _, _ = self.model(word_ids)
-        logits = self.discriminator(torch.cat([images, images, fake.float()]),
-                                    torch.cat([word_ids, mismatched_captions(word_ids, images), word_ids]))
-        terms = discriminator_hinge_loss(*logits.float().chunk(3))
-        critic = unwrap(self.discriminator)
-        penalty = matching_aware_gradient_penalty(critic.score, images, critic.encode_text(word_ids),
-                                                  k=self.cfg.loss.gp_weight)
+                           fake: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hinge on (real, caption) vs (another real image, caption) and (fake, caption),
+        + MA-GP from the same real logits: the trunk sees B real + B fake images, once."""
+        real = images.detach().float().requires_grad_(True)  # MA-GP differentiates w.r.t. it
+        real_logits, mismatched, fake_logits, sentence = self.discriminator(
+            real, fake.float(), word_ids, other_image_rows(images))
+        terms = discriminator_hinge_loss(real_logits.float(), mismatched.float(), fake_logits.float())
+        penalty = matching_aware_gradient_penalty(real_logits, real, sentence, k=self.cfg.loss.gp_weight)
         clip_and_step(terms["d_loss"] + penalty, self.discriminator, self.optimizers["discriminator"],
                       self.cfg.optim.grad_clip)
         return {**{k: v.detach() for k, v in terms.items()}, "gp": penalty.detach()}
 
-    def generator_step(self, word_ids: torch.Tensor,
-                       autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
-        """A fresh sample scored by the discriminator, + beta * KL of the CA Gaussian
-        (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14)."""
-        with autocast():
-            fake, mu, logvar = self.model(word_ids)
-        adversarial = generator_hinge_loss(self.discriminator(fake.float(), word_ids).float())
-        kl = standard_normal_kl(mu, logvar)
-        align = self._alignment(fake, word_ids)
-        loss = adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
-        # The discriminator's gradients from this backward are dropped at its next zero_grad.
-        clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
+    def generator_step(self, word_ids: torch.Tensor, fake: torch.Tensor, mu: torch.Tensor,
+                       logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The D step's sample scored by the just-updated discriminator, + beta * KL of the
+        CA Gaussian (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14).
+        D is used unwrapped and frozen here: its gradients are neither computed nor
+        all-reduced (the D step did that)."""
+        critic = unwrap(self.discriminator)
+        critic.requires_grad_(False)
+        try:
+            adversarial = generator_hinge_loss(critic.score(fake.float(), critic.encode_text(word_ids)).float())
+            kl = standard_normal_kl(mu, logvar)
+            align = self._alignment(fake, word_ids)
+            loss = adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+            clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
+        finally:
+            critic.requires_grad_(True)
         return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach()}
 
     @torch.no_grad()
@@ -293,33 +297,34 @@ class GANFamily(Family):
         generator, critic = self.generator, unwrap(self.discriminator)
         with autocast():
             fake, mu, logvar = generator(word_ids)
-        logits = critic(torch.cat([images, images, fake.float()]),
-                        torch.cat([word_ids, mismatched_captions(word_ids, images), word_ids])).float()
-        d_terms = discriminator_hinge_loss(*logits.chunk(3))
+        *logits, _ = critic(images, fake.float(), word_ids, other_image_rows(images))
+        logits = torch.stack([part.float() for part in logits])
+        d_terms = discriminator_hinge_loss(*logits)
         kl = standard_normal_kl(mu, logvar)
         align = self._dev_alignment(fake, word_ids)
-        loss = generator_hinge_loss(logits.chunk(3)[2]) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+        loss = generator_hinge_loss(logits[2]) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
         return {"loss": loss, "kl": kl, "align": align, **d_terms,
                 "gen_mse": generation_error(generator, images, word_ids).mean()}
 
 
-def mismatched_captions(word_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Each image paired with a caption of another image: DF-GAN's batch roll by one, rolled
-    further for the rows whose partner shows the same image (an evaluation batch holds each
-    image's captions side by side). A training batch of distinct images is a plain roll."""
-    n = len(word_ids)
-    pixels = images.flatten(1)
-    rows = torch.arange(n, device=word_ids.device)
-    partner = torch.roll(rows, 1)
-    same = (pixels[partner] == pixels).all(1)
+def other_image_rows(images: torch.Tensor) -> torch.Tensor:
+    """For each row i, a row showing another image, for the mismatched pair (caption i, that
+    image): DF-GAN's roll of the real features by one (row i + 1), rolled further for rows
+    whose neighbour shows the same image (an evaluation batch holds each image's captions
+    side by side). A batch of one image has no other: the plain roll stands."""
+    n = len(images)
+    pixels = images.detach().flatten(1)
+    rows = torch.arange(n, device=images.device)
+    other = torch.roll(rows, -1)
+    same = (pixels[other] == pixels).all(1)
     for shift in range(2, n):
         if not same.any():
             break
-        candidate = torch.roll(rows, shift)
+        candidate = torch.roll(rows, -shift)
         better = same & ~(pixels[candidate] == pixels).all(1)
-        partner = torch.where(better, candidate, partner)
+        other = torch.where(better, candidate, other)
         same &= ~better
-    return word_ids[partner]
+    return other
 
 
 DEV_ALIGN_DISTRACTORS = 99  # dev_align ranks each caption among 100, as R-precision does

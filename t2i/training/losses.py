@@ -84,14 +84,12 @@ def generator_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
     return -fake.mean()
 
 
-def matching_aware_gradient_penalty(score, images: torch.Tensor, sentence: torch.Tensor, k: float = 2.0,
-                                    p: float = 6.0) -> torch.Tensor:
-    """k * E[(||grad_x D(x, e)|| + ... )^p] on real, matching pairs: the norm of the joint
-    gradient over the image and the sentence vector (DF-GAN's MA-GP, k = 2, p = 6 in its
-    reference code). ``score(images, sentence)`` is the discriminator's logit function;
-    ``sentence`` must be part of the graph (its gradient is taken too)."""
-    images = images.detach().requires_grad_(True)
-    logits = score(images, sentence)
+def matching_aware_gradient_penalty(logits: torch.Tensor, images: torch.Tensor, sentence: torch.Tensor,
+                                    k: float = 2.0, p: float = 6.0) -> torch.Tensor:
+    """k * E[||(grad_x D(x, e), grad_e D(x, e))||^p] on real, matching pairs: the norm of the
+    joint gradient over the image and the sentence vector (DF-GAN's MA-GP, k = 2, p = 6 in its
+    reference code), taken from the logits D already computed for the hinge loss (as DF-GAN
+    does): ``images`` must require grad and ``sentence`` be part of the logits' graph."""
     grad_image, grad_sentence = torch.autograd.grad(logits.sum(), (images, sentence), create_graph=True)
     norm = torch.cat([grad_image.flatten(1), grad_sentence.flatten(1)], 1).pow(2).sum(1).sqrt()
     return k * norm.pow(p).mean()

@@ -15,7 +15,7 @@ from t2i.models.blocks import bounded_logvar
 from t2i.models.vae import VAEOutput
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training.encoders import mirror_ids, train_dual_encoder
-from t2i.training.families import GANFamily, make_family, mismatched_captions
+from t2i.training.families import GANFamily, make_family, other_image_rows
 from t2i.training.losses import (
     alignment_loss,
     discriminator_hinge_loss,
@@ -121,37 +121,70 @@ def test_discriminator_and_generator_losses_move_the_right_way(shapes_dir):
     vocab = load_vocabulary(shapes_dir)
     family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
     images, word_ids = fixed_batch(shapes_dir)
-    d_losses = [family.discriminator_step(images, word_ids)["d_loss"].item() for _ in range(15)]
+    with torch.no_grad():
+        fake = family.model(word_ids)[0]
+    d_losses = [family.discriminator_step(images, word_ids, fake)["d_loss"].item() for _ in range(15)]
     assert d_losses[-1] < d_losses[0] - 0.3, d_losses  # D learns to tell real+matching from the rest
-    g_losses = [family.generator_step(word_ids)["g_adv"].item() for _ in range(15)]
+    g_losses = []
+    for _ in range(15):
+        fake, mu, logvar = family.model(word_ids)
+        g_losses.append(family.generator_step(word_ids, fake, mu, logvar)["g_adv"].item())
     assert g_losses[-1] < g_losses[0], g_losses  # G learns to fool that (fixed) D
 
 
-def test_matching_aware_term_uses_mismatched_captions(shapes_dir):
+def test_the_step_runs_each_network_as_dfgan_does(shapes_dir):
+    """One generator pass per step; D's trunk sees B real + B fake images in the D step (the
+    real features also serve the mismatched pairs) and B in the G step, which leaves D's
+    gradients alone."""
     vocab = load_vocabulary(shapes_dir)
     family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
+    family.wrap(lambda net: net)
     images, word_ids = fixed_batch(shapes_dir, 8)
+    calls = {"generator": 0, "trunk": []}
+    critic, generator_forward, trunk = family.discriminator, family.model.forward, family.discriminator.image.forward
+
+    def count_generator(*args, **kwargs):
+        calls["generator"] += 1
+        return generator_forward(*args, **kwargs)
+
+    def count_trunk(x):
+        calls["trunk"].append(len(x))
+        return trunk(x)
+
+    family.model.forward, critic.image.forward = count_generator, count_trunk
     seen = {}
-    forward = family.discriminator.forward
+    forward = critic.forward
 
-    def spy(batch_images, batch_ids):
-        seen.setdefault("ids", batch_ids)
-        return forward(batch_images, batch_ids)
+    def spy(real, fake, ids, other_image):
+        seen.update(ids=ids, other_image=other_image)
+        return forward(real, fake, ids, other_image)
 
-    family.discriminator.forward = spy
-    family.discriminator_step(images, word_ids)
-    real, wrong, fake = seen["ids"].chunk(3)
-    assert torch.equal(real, word_ids) and torch.equal(fake, word_ids)
-    assert torch.equal(wrong, mismatched_captions(word_ids, images))
-    assert torch.equal(wrong, torch.roll(word_ids, 1, 0))  # distinct images: DF-GAN's plain roll
-    assert all(not torch.equal(a, b) for a, b in zip(wrong, word_ids))  # every image gets another caption
+    critic.forward = spy
+    after_d_step = []
+    generator_step = family.generator_step
+
+    def snapshot_then_step(*args):
+        after_d_step.extend(p.grad.clone() for p in critic.parameters())
+        return generator_step(*args)
+
+    family.generator_step = snapshot_then_step
+    family.train_step(images, word_ids, epoch_progress=0.0)
+    assert calls["generator"] == 1 and calls["trunk"] == [16, 8]
+    assert torch.equal(seen["ids"], word_ids)
+    assert torch.equal(seen["other_image"], torch.roll(torch.arange(8), -1))  # DF-GAN's roll of the real features
+    assert all(torch.equal(p.grad, g) for p, g in zip(critic.parameters(), after_d_step))  # G step: none for D
+    assert all(p.requires_grad for p in critic.parameters())  # unfrozen again after the G step
+
+
+def test_hinge_and_matching_aware_gradient_penalty():
     # The hinge terms: a D that scores everything 0 pays 1 on each term, 2 in total.
     terms = discriminator_hinge_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4))
     assert terms["d_loss"].item() == pytest.approx(2.0)
     # MA-GP is zero-centred on the joint (image, sentence) gradient: k * ||grad||^p.
     sentence = torch.ones(2, 3, requires_grad=True)
-    penalty = matching_aware_gradient_penalty(lambda x, s: (x.flatten(1).sum(1) + 2 * s.sum(1)),
-                                              torch.zeros(2, 1, 1, 1), sentence, k=2.0, p=6.0)
+    images = torch.zeros(2, 1, 1, 1, requires_grad=True)
+    logits = images.flatten(1).sum(1) + 2 * sentence.sum(1)
+    penalty = matching_aware_gradient_penalty(logits, images, sentence, k=2.0, p=6.0)
     assert penalty.item() == pytest.approx(2.0 * (1 + 3 * 4) ** 3)  # ||(1, 2, 2, 2)||^6 = 13^3
 
 
@@ -318,7 +351,7 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
         family.generator.train(False)
         images = family.generator.sample(word_ids, n=1, deterministic=True)[:, 0]
     start = alignment_loss(frozen, images, word_ids).item()
-    terms = [family.generator_step(word_ids)["align"].item() for _ in range(25)]
+    terms = [family.generator_step(word_ids, *family.model(word_ids))["align"].item() for _ in range(25)]
     assert terms[0] == pytest.approx(start, abs=1.0)  # the step reports the loss it trains on
     assert np.mean(terms[-5:]) < np.mean(terms[:5]) - 0.1, terms
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # never trained here
@@ -459,17 +492,16 @@ def test_flip_augmentation_mirrors_left_and_right_in_the_caption():
     assert mirror_ids(["<pad>", "left", "dog"]) is None      # no "right" to swap with: never flip
 
 
-def test_mismatched_captions_never_describe_the_same_image():
+def test_mismatched_pairs_never_show_the_captions_own_image():
     """An evaluation batch holds each image's captions side by side ([A A A B B C]): a roll
-    by one would pair A with its own captions; every row must get another image's caption."""
-    images = torch.rand(3, 3, 8, 8)[torch.tensor([0, 0, 0, 1, 1, 2])]
-    word_ids = torch.arange(6).unsqueeze(1).repeat(1, 4) + 1
-    wrong = mismatched_captions(word_ids, images)
-    source = wrong[:, 0] - 1  # which row each mismatched caption came from
+    by one would pair A's caption with A; every caption must meet another image."""
     image_of = torch.tensor([0, 0, 0, 1, 1, 2])
-    assert (image_of[source] != image_of).all(), source
-    same = torch.rand(1, 3, 8, 8).expand(4, -1, -1, -1)  # one image only: nothing else to pick
-    assert mismatched_captions(word_ids[:4], same).shape == (4, 4)
+    images = torch.rand(3, 3, 8, 8)[image_of]
+    other = other_image_rows(images)
+    assert (image_of[other] != image_of).all(), other
+    assert torch.equal(other_image_rows(torch.rand(5, 3, 8, 8)), torch.roll(torch.arange(5), -1))
+    one_image = torch.rand(1, 3, 8, 8).expand(4, -1, -1, -1)  # nothing else to pick: the plain roll
+    assert torch.equal(other_image_rows(one_image), torch.roll(torch.arange(4), -1))
 
 
 def test_dev_alignment_scores_each_pair_against_a_fixed_pool(shapes_dir):

@@ -76,10 +76,10 @@ def test_config_files_load_and_round_trip(tmp_path):
         config_lib.load(bad)
 
 
-def test_train_job_rejects_typo_before_ray(capsys):
-    import train_job
+def test_train_rejects_typo_before_ray(capsys):
+    from t2i.cli import main
 
-    assert train_job.main(["--set", "optim.lrr=0.1"]) == 2
+    assert main(["train", "--set", "optim.lrr=0.1"]) == 2
     assert "optim.lrr" in capsys.readouterr().err
 
 
