@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from t2i.errors import T2IError
+from t2i.training.augment import parse_policy
 
 
 class ConfigError(T2IError):
@@ -67,6 +68,8 @@ class LossConfig:
     gp_weight: float = 2.0         # gan: matching-aware gradient penalty k (DF-GAN; power p = 6)
     align_weight: float = 0.0      # gan: DAMSM-style sentence loss weight (AttnGAN's lambda), from a
                                    # separately trained encoder, never the evaluation judge; 0 = off
+    augment: str = ""              # gan: DiffAugment policy for all D sees, e.g. "translation,cutout"
+                                   # (ops: color, translation, cutout; Zhao et al. 2020); "" = off
 
 
 @dataclass
@@ -81,6 +84,8 @@ class OptimConfig:
     gamma: float = 0.9             # per-epoch decay ("exponential") or factor ("plateau")
     patience: int = 1              # epochs without dev improvement before "plateau" decays
     grad_clip: float = 5.0         # max global grad norm; 0 disables
+    ema_decay: float = 0.0         # gan: sample, select and serve an exponential moving average of
+                                   # the generator's weights (Karras et al. 2018); 0 = off
 
 
 @dataclass
@@ -304,6 +309,14 @@ def validate(cfg: Config) -> None:
         problems.append("loss.align_weight must be >= 0")
     if cfg.loss.align_weight > 0 and cfg.model.family != "gan":
         problems.append("loss.align_weight is a gan-family term (the VAEs never use it); set it to 0")
+    if (cfg.loss.augment or cfg.optim.ema_decay) and cfg.model.family != "gan":
+        problems.append("loss.augment and optim.ema_decay are gan-family settings; leave them at their defaults")
+    if not 0.0 <= cfg.optim.ema_decay < 1.0:
+        problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
+    try:
+        parse_policy(cfg.loss.augment)
+    except ValueError as exc:
+        problems.append(f"loss.augment: {exc}")
     for key, value, low in (("optim.grad_clip", cfg.optim.grad_clip, 0), ("optim.weight_decay", cfg.optim.weight_decay, 0),
                             ("optim.gamma", cfg.optim.gamma, 0), ("loss.gp_weight", cfg.loss.gp_weight, 0),
                             ("train.cpus_per_worker", cfg.train.cpus_per_worker, 0),

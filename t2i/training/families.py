@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -30,6 +31,7 @@ from t2i.config import Config
 from t2i.evaluation.metrics import mse
 from t2i.models import build_discriminator, build_model
 from t2i.models.dual_encoder import DualEncoder
+from t2i.training.augment import diff_augment, parse_policy
 from t2i.training.losses import (
     alignment_loss,
     discriminator_hinge_loss,
@@ -216,6 +218,10 @@ class GANFamily(Family):
                  dev_distractors: np.ndarray | None = None):
         super().__init__(cfg, vectors, alignment_encoder, dev_distractors)
         self.discriminator = build_discriminator(cfg.model, vectors)
+        self.augment = parse_policy(cfg.loss.augment)
+        # The averaged generator samples, ranks checkpoints and is what model.pt holds; the
+        # trained one is kept in the training state for resuming.
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
         if cfg.loss.align_weight > 0 and alignment_encoder is None:
             raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
                              "(t2i.training.encoders.ALIGNMENT_LOSS)")
@@ -231,6 +237,41 @@ class GANFamily(Family):
         if self.alignment_encoder is None:
             return images.new_zeros(())
         return alignment_loss(self.alignment_encoder, images.float(), word_ids)
+
+    @property
+    def generator(self) -> torch.nn.Module:
+        return self.ema if self.ema is not None else unwrap(self.model)
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema = decay * ema + (1 - decay) * weights; batch-norm statistics copied as they are."""
+        decay = self.cfg.optim.ema_decay
+        trained = unwrap(self.model)
+        for averaged, current in zip(self.ema.parameters(), trained.parameters()):
+            averaged.lerp_(current.detach(), 1.0 - decay)
+        for averaged, current in zip(self.ema.buffers(), trained.buffers()):
+            averaged.copy_(current)
+
+    def move_frozen_helpers(self, device: torch.device) -> None:
+        super().move_frozen_helpers(device)
+        if self.ema is not None:
+            self.ema.to(device, memory_format=torch.channels_last)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.ema is not None:  # model.pt's `model` holds the average
+            state["networks"]["trained_generator"] = unwrap(self.model).state_dict()
+        return state
+
+    def load_networks(self, state: dict) -> None:
+        networks = dict(state["training"]["networks"])
+        trained = networks.pop("trained_generator", None)
+        # Written without averaging, a checkpoint's `model` is the trained generator itself.
+        self.model.load_state_dict(trained if trained is not None else state["model"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["model"])
+        for name, weights in networks.items():
+            self.networks()[name].load_state_dict(weights)
 
     def _dev_alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
         """dev_align: each pair against the fixed distractor pool (never the batch's captions)."""
@@ -264,7 +305,8 @@ class GANFamily(Family):
         + MA-GP from the same real logits: the trunk sees B real + B fake images, once."""
         real = images.detach().float().requires_grad_(True)  # MA-GP differentiates w.r.t. it
         real_logits, mismatched, fake_logits, sentence = self.discriminator(
-            real, fake.float(), word_ids, other_image_rows(images))
+            diff_augment(real, self.augment), diff_augment(fake.float(), self.augment), word_ids,
+            other_image_rows(images))
         terms = discriminator_hinge_loss(real_logits.float(), mismatched.float(), fake_logits.float())
         penalty = matching_aware_gradient_penalty(real_logits, real, sentence, k=self.cfg.loss.gp_weight)
         clip_and_step(terms["d_loss"] + penalty, self.discriminator, self.optimizers["discriminator"],
@@ -280,13 +322,16 @@ class GANFamily(Family):
         critic = unwrap(self.discriminator)
         critic.requires_grad_(False)
         try:
-            adversarial = generator_hinge_loss(critic.score(fake.float(), critic.encode_text(word_ids)).float())
+            seen = diff_augment(fake.float(), self.augment)  # as D saw the fakes (DiffAugment)
+            adversarial = generator_hinge_loss(critic.score(seen, critic.encode_text(word_ids)).float())
             kl = standard_normal_kl(mu, logvar)
             align = self._alignment(fake, word_ids)
             loss = adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
             clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
         finally:
             critic.requires_grad_(True)
+        if self.ema is not None:
+            self.update_ema()
         return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach()}
 
     @torch.no_grad()

@@ -208,10 +208,23 @@ def test_gan_checkpoint_round_trip_restores_both_networks_and_optimizers(shapes_
         saved, loaded = family.optimizers[name].state_dict(), restored.optimizers[name].state_dict()
         assert saved["param_groups"][0]["lr"] == loaded["param_groups"][0]["lr"]
         assert all(torch.equal(saved["state"][i]["exp_avg"], loaded["state"][i]["exp_avg"]) for i in saved["state"])
-    # The generator alone is what generate/evaluate load, unchanged for the user.
+    # model.pt's generator is the weights' moving average (optim.ema_decay in the gan config):
+    # what generate/evaluate/serve load; the trained weights resume from the training state.
+    assert family.cfg.optim.ema_decay > 0 and family.generator is family.ema
+    average, trained = family.generator.state_dict(), family.networks()["model"].state_dict()
+    assert any(not torch.equal(average[k], trained[k]) for k in average if average[k].is_floating_point())
+    assert all(torch.equal(average[k], v) for k, v in restored.generator.state_dict().items())
     loaded = ckpt_lib.load(path)
+    assert all(torch.equal(average[k], v) for k, v in loaded.model.state_dict().items())
     assert loaded.model.sample(word_ids[:2], n=3).shape == (2, 3, 3, 64, 64)
     assert isinstance(family, GANFamily)
+    # One more step moves the average by (1 - decay) of the way to the trained weights.
+    before = {k: v.clone() for k, v in family.generator.state_dict().items()}
+    family.train_step(images, word_ids, epoch_progress=0.0)
+    decay = family.cfg.optim.ema_decay
+    name, weight = next((n, w) for n, w in family.networks()["model"].named_parameters() if w.dim() > 1)
+    expected = decay * before[name] + (1 - decay) * weight.detach()
+    assert torch.allclose(family.generator.state_dict()[name], expected, atol=1e-6)
 
 
 def test_shard_cache_order_is_seeded_and_drops_the_partial_batch():

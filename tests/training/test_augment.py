@@ -1,0 +1,46 @@
+"""DiffAugment's ops on [0, 1] images: shapes kept, gradients through, each op doing its one thing."""
+
+import pytest
+import torch
+
+from t2i import config as config_lib
+from t2i.training.augment import cutout, diff_augment, parse_policy, translation
+
+
+def test_each_op_keeps_the_shape_and_lets_gradients_through():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16, requires_grad=True)
+    y = diff_augment(x, parse_policy("color,translation,cutout"))
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_translation_shifts_content_and_fills_black():
+    x = torch.zeros(64, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+    y = translation(x)
+    assert torch.all(y.sum(dim=(1, 2, 3)) <= 16) and torch.all(y.sum(dim=(1, 2, 3)) >= 1)  # moved, not lost (2 px max)
+    assert not all(torch.equal(y[i], x[i]) for i in range(64))                           # some images moved
+    assert set(y.unique().tolist()) <= {0.0, 1.0}                                          # no new values
+
+
+def test_cutout_blanks_a_quarter_with_grey():
+    x = torch.ones(8, 3, 16, 16)
+    y = cutout(x)
+    grey = (y == 0.5).all(1)
+    assert grey.any(dim=(1, 2)).all()                       # every image has a hole
+    assert (grey.sum(dim=(1, 2)) <= 64).all()                # at most 8 x 8 of 16 x 16 pixels
+    assert ((y == 1.0) | (y == 0.5)).all()
+
+
+def test_policies_are_checked():
+    assert parse_policy("") == () and parse_policy(" translation , cutout ") == ("translation", "cutout")
+    with pytest.raises(ValueError, match="unknown augmentation blur"):
+        parse_policy("translation,blur")
+    with pytest.raises(config_lib.ConfigError, match="loss.augment: unknown augmentation"):
+        config_lib.load("gan", ["loss.augment=flip"])
+    with pytest.raises(config_lib.ConfigError, match="gan-family settings"):
+        config_lib.load("cvae", ["optim.ema_decay=0.99"])
+    with pytest.raises(config_lib.ConfigError, match="ema_decay must be in"):
+        config_lib.load("gan", ["optim.ema_decay=1.0"])
