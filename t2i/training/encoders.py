@@ -27,14 +27,28 @@ from t2i.models.dual_encoder import DualEncoder, contrastive_loss
 
 
 @dataclass(frozen=True)
+class EncoderRecipe:
+    epochs: int = 6        # passes over the train images (one of each image's captions per pass)
+    batch: int = 128       # pairs per contrastive batch (the negatives of each pair)
+    lr: float = 1e-3       # Adam
+    shift: int = 0         # random translation by up to this many pixels (edge-replicated), besides the flip
+    cosine: bool = False   # learning rate on a cosine from lr down to 0
+
+
+@dataclass(frozen=True)
 class EncoderRole:
     file: str    # cached beside the prepared data under this name
     seed: int
     width: int   # image CNN channels (32-64-128-256 for 32)
     purpose: str
+    tower: str = "strided"  # DualEncoder's image tower
+    recipe: EncoderRecipe = EncoderRecipe()
 
 
-JUDGE = EncoderRole("alignment_judge.pt", seed=0, width=32, purpose="alignment judge")
+# The judge must be stronger than the real photos' level it measures against (a weak judge
+# scores good and real images alike), and another network from the alignment-loss encoder.
+JUDGE = EncoderRole("alignment_judge.pt", seed=0, width=24, purpose="alignment judge", tower="deep",
+                    recipe=EncoderRecipe(epochs=50, shift=4, cosine=True))
 ALIGNMENT_LOSS = EncoderRole("alignment_loss_encoder.pt", seed=1, width=48,
                              purpose="alignment-loss encoder (gan loss.align_weight)")
 
@@ -57,16 +71,31 @@ def mirror_ids(words: list[str]) -> np.ndarray | None:
     return mapping
 
 
+def shift_images(images: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
+    """The batch moved by up to ``shift`` pixels each way (one draw per batch), edges replicated."""
+    if shift <= 0:
+        return images
+    height, width = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (shift,) * 4, mode="replicate")
+    dx, dy = rng.integers(0, 2 * shift + 1, 2)
+    return padded[:, :, dy: dy + height, dx: dx + width]
+
+
 def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_image: np.ndarray,
-                       vectors: np.ndarray, mirror: np.ndarray | None, epochs: int = 6, batch: int = 128,
-                       seed: int = 0, width: int = 32, log=print, device: str = "cpu") -> DualEncoder:
+                       vectors: np.ndarray, mirror: np.ndarray | None, recipe: EncoderRecipe = EncoderRecipe(),
+                       seed: int = 0, width: int = 32, tower: str = "strided", log=print,
+                       device: str = "cpu") -> DualEncoder:
     """images (N, H, W, 3) uint8; caption_ids (M, L); caption_image (M,) index into images;
     mirror: :func:`mirror_ids` of the vocabulary (None: no flip augmentation). Returns the
     model in eval mode on the CPU."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    model = DualEncoder(vectors, width=width).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model = DualEncoder(vectors, width=width, tower=tower).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
+    batch, epochs = recipe.batch, recipe.epochs
+    total_steps = max(1, epochs * (len(images) // batch))
+    if recipe.cosine:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total_steps)
     by_image = [[] for _ in range(len(images))]
     for row, img in enumerate(caption_image):
         by_image[img].append(row)
@@ -81,11 +110,14 @@ def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_imag
             imgs, ids = to_float(images[idx]), caption_ids[caps]
             if mirror is not None and rng.random() < 0.5:
                 imgs, ids = imgs.flip(3), mirror[ids]
+            imgs = shift_images(imgs, recipe.shift, rng)
             loss = contrastive_loss(model.embed_images(imgs.to(device)),
                                     model.embed_text(torch.as_tensor(ids).long().to(device)), model.log_scale)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            if recipe.cosine:
+                scheduler.step()
             with torch.no_grad():
                 model.log_scale.clamp_(max=math.log(100.0))
             total += loss.item()
@@ -95,7 +127,7 @@ def train_dual_encoder(images: np.ndarray, caption_ids: np.ndarray, caption_imag
 
 def build(role: EncoderRole, vectors: np.ndarray, state: dict | None = None) -> DualEncoder:
     """A frozen encoder in eval mode (``state``: its weights)."""
-    model = DualEncoder(vectors, width=role.width)
+    model = DualEncoder(vectors, width=role.width, tower=role.tower)
     if state is not None:
         model.load_state_dict(state)
     model.requires_grad_(False)
@@ -108,7 +140,8 @@ TRAINING_VERSION = "mirror"
 
 def _fingerprint(role: EncoderRole, manifest: dict) -> str:
     shards = "".join(s["sha256"] for s in manifest["splits"]["train"]["shards"])
-    return f"{shards}/seed={role.seed}/width={role.width}/{TRAINING_VERSION}"
+    recipe = "" if role.recipe == EncoderRecipe() and role.tower == "strided" else f"/{role.tower}/{role.recipe}"
+    return f"{shards}/seed={role.seed}/width={role.width}/{TRAINING_VERSION}{recipe}"
 
 
 def read_cached(role: EncoderRole, root: str, manifest: dict) -> dict | None:
@@ -135,7 +168,8 @@ def load_or_train(role: EncoderRole, root: str, manifest: dict, vocab, train: di
     if train is None:
         train = read_split_arrays(root, manifest, "train")
     model = train_dual_encoder(train["images"], train["word_ids"], train["caption_image"], vocab.vectors,
-                               mirror_ids(vocab.words), seed=role.seed, width=role.width, log=log, device=device)
+                               mirror_ids(vocab.words), recipe=role.recipe, seed=role.seed, width=role.width,
+                               tower=role.tower, log=log, device=device)
     buffer = io.BytesIO()
     torch.save({"fingerprint": _fingerprint(role, manifest), "model": model.state_dict()}, buffer)
     try:

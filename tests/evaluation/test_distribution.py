@@ -6,14 +6,14 @@ import torch.nn.functional as F
 
 from t2i.data.dataset import load_manifest, load_vocabulary, read_split_arrays, to_float
 from t2i.evaluation.distribution import JudgeFeatures, judge_distances, log_power_spectrum, spectrum_check
-from t2i.training.encoders import train_dual_encoder
+from t2i.training.encoders import EncoderRecipe, train_dual_encoder
 
 
 @pytest.fixture(scope="module")
 def shapes_images(shapes_dir):
     data = read_split_arrays(shapes_dir, load_manifest(shapes_dir), "train")
     judge = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"],
-                               load_vocabulary(shapes_dir).vectors, None, epochs=1, batch=32, width=8,
+                               load_vocabulary(shapes_dir).vectors, None, recipe=EncoderRecipe(epochs=1, batch=32), width=8,
                                log=lambda _: None)
     return judge, to_float(data["images"])
 

@@ -14,7 +14,7 @@ from t2i.evaluation.evaluate import shapes_accuracy
 from t2i.models.blocks import bounded_logvar
 from t2i.models.vae import VAEOutput
 from t2i.training import checkpoint as ckpt_lib
-from t2i.training.encoders import mirror_ids, train_dual_encoder
+from t2i.training.encoders import EncoderRecipe, mirror_ids, train_dual_encoder
 from t2i.training.families import GANFamily, make_family, other_image_rows
 from t2i.training.losses import (
     alignment_loss,
@@ -350,7 +350,8 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     manifest = load_manifest(shapes_dir)
     data = read_split_arrays(shapes_dir, manifest, "train")
     encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors,
-                                 mirror_ids(vocab.words), epochs=4, batch=32, width=8, log=lambda line: None)
+                                 mirror_ids(vocab.words), recipe=EncoderRecipe(epochs=4, batch=32), width=8,
+                                 log=lambda line: None)
     cfg = config_lib.load(REPO / "t2i" / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
     with pytest.raises(ValueError, match="alignment-loss encoder"):
         make_family(cfg, vocab.vectors)
@@ -523,7 +524,7 @@ def test_dev_alignment_scores_each_pair_against_a_fixed_pool(shapes_dir):
     vocab = load_vocabulary(shapes_dir)
     data = read_split_arrays(shapes_dir, load_manifest(shapes_dir), "train")
     encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors, None,
-                                 epochs=1, batch=32, seed=0, width=8, log=lambda _: None)
+                                 recipe=EncoderRecipe(epochs=1, batch=32), seed=0, width=8, log=lambda _: None)
     encoder.requires_grad_(False)
     images, word_ids = fixed_batch(shapes_dir, 12)
     pool = word_ids[6:]
@@ -533,3 +534,23 @@ def test_dev_alignment_scores_each_pair_against_a_fixed_pool(shapes_dir):
     # The true caption among the pool itself: it is not its own distractor (finite, >= 0).
     own = pooled_alignment_loss(encoder, images[6:7], word_ids[6:7], pool)
     assert torch.isfinite(own) and own >= 0
+
+
+def test_the_judge_is_another_network_from_the_alignment_loss_encoder(shapes_dir):
+    """Architecture, width and seed all differ: a generator trained against one encoder
+    learns features a twin of it would read (TISE), so the judge must not be its twin."""
+    from t2i.training import encoders
+
+    judge, loss_encoder = encoders.JUDGE, encoders.ALIGNMENT_LOSS
+    assert (judge.tower, judge.width, judge.seed) != (loss_encoder.tower, loss_encoder.width, loss_encoder.seed)
+    assert judge.tower != loss_encoder.tower and judge.width != loss_encoder.width and judge.seed != loss_encoder.seed
+    vectors = load_vocabulary(shapes_dir).vectors
+    depth = {role: sum(isinstance(m, torch.nn.Conv2d) for m in encoders.build(role, vectors).image.modules())
+             for role in (judge, loss_encoder)}
+    assert depth[judge] == 8 and depth[loss_encoder] == 4
+    # The judge's shifts move the pixels, edges replicated; a shift of 0 is the identity.
+    images = torch.rand(2, 3, 8, 8)
+    assert encoders.shift_images(images, 0, np.random.default_rng(0)) is images
+    rng = np.random.default_rng(1)
+    draws = [encoders.shift_images(images, 2, rng) for _ in range(5)]
+    assert all(d.shape == images.shape for d in draws) and any(not torch.equal(d, images) for d in draws)
