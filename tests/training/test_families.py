@@ -191,7 +191,7 @@ def test_hinge_and_matching_aware_gradient_penalty():
 def test_gan_checkpoint_round_trip_restores_both_networks_and_optimizers(shapes_dir, tmp_path):
     torch.manual_seed(0)
     vocab = load_vocabulary(shapes_dir)
-    family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
+    family = family_for("gan.toml", vocab.vectors, *TINY_GAN, "optim.ema_decay=0.999")
     images, word_ids = fixed_batch(shapes_dir, 8)
     for _ in range(2):
         family.train_step(images, word_ids, epoch_progress=0.0)
@@ -208,7 +208,7 @@ def test_gan_checkpoint_round_trip_restores_both_networks_and_optimizers(shapes_
         saved, loaded = family.optimizers[name].state_dict(), restored.optimizers[name].state_dict()
         assert saved["param_groups"][0]["lr"] == loaded["param_groups"][0]["lr"]
         assert all(torch.equal(saved["state"][i]["exp_avg"], loaded["state"][i]["exp_avg"]) for i in saved["state"])
-    # model.pt's generator is the weights' moving average (optim.ema_decay in the gan config):
+    # model.pt's generator is the weights' moving average (with optim.ema_decay > 0):
     # what generate/evaluate/serve load; the trained weights resume from the training state.
     assert family.cfg.optim.ema_decay > 0 and family.generator is family.ema
     average, trained = family.generator.state_dict(), family.networks()["model"].state_dict()
