@@ -2,8 +2,9 @@
 
 A run is described by a :class:`Config` (data, model, loss, optim, train). Config files
 are TOML with one table per section (the built-in ones ship in ``t2i/configs/`` and are
-named by their stem: ``--config gan``); command lines add ``--set section.key=value``. Any key that is not a field is rejected with the valid ones listed,
-so a typo fails before a worker starts.
+named by their stem: ``--config gan``); command lines add ``--set section.key=value``.
+Any key that is not a field is rejected with the valid ones listed, so a typo fails before
+a worker starts.
 """
 
 from __future__ import annotations

@@ -40,26 +40,30 @@ class JudgeFeatures(nn.Module):
         return self.trunk(images.float())
 
 
-def _feed(metric, images: torch.Tensor, real: bool, batch: int = 512) -> None:
-    for start in range(0, len(images), batch):
-        metric.update(images[start: start + batch], real=real)
+def judge_features(features: JudgeFeatures, images: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> (N, num_features), in batches."""
+    return torch.cat([features(images[start: start + batch]) for start in range(0, len(images), batch)])
 
 
 def judge_distances(judge: DualEncoder, real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:
     """{name: {"fd": ..., "kd": ..., "kd_std": ...}} of each image set (N, 3, H, W) in [0, 1]
-    against ``real``; the real features are computed once."""
+    against ``real``. Each set's judge features are computed once and handed to both metrics
+    (their extractor is a pass-through), the real ones once for every set."""
     features = JudgeFeatures(judge).eval()
-    size = tuple(real.shape[1:])
-    fd = FrechetInceptionDistance(feature=features, normalize=True, input_img_size=size, reset_real_features=False)
-    _feed(fd, real, real=True)
+    passthrough = nn.Identity()
+    passthrough.num_features = features.num_features  # read by torchmetrics instead of a dummy forward
+    real_features = judge_features(features, real)
+    fd = FrechetInceptionDistance(feature=passthrough, reset_real_features=False)
+    kd = KernelInceptionDistance(feature=passthrough, subsets=KID_SUBSETS, reset_real_features=False)
+    fd.update(real_features, real=True)
+    kd.update(real_features, real=True)
     out = {}
     for name, images in sets.items():
-        subset = min(KID_SUBSET_SIZE, len(real), len(images))
-        kd = KernelInceptionDistance(feature=features, normalize=True, subsets=KID_SUBSETS, subset_size=subset)
-        _feed(kd, real, real=True)
-        _feed(kd, images, real=False)
-        fd.reset()  # drops the fake features only (reset_real_features=False)
-        _feed(fd, images, real=False)
+        fake_features = judge_features(features, images)
+        for metric in (fd, kd):
+            metric.reset()  # drops the previous set's features only (reset_real_features=False)
+            metric.update(fake_features, real=False)
+        kd.subset_size = min(KID_SUBSET_SIZE, len(real), len(images))
         kd_mean, kd_std = kd.compute()
         out[name] = {"fd": float(fd.compute()), "kd": float(kd_mean), "kd_std": float(kd_std), "n": len(images)}
     return out

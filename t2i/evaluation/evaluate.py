@@ -94,10 +94,11 @@ def nearest_train_distance(images: torch.Tensor, train_images: np.ndarray | torc
     return out
 
 
-def copy_check(generated: dict[str, torch.Tensor], real: torch.Tensor, train_images: np.ndarray) -> dict:
+def copy_check(generated: dict[str, torch.Tensor], real: torch.Tensor, train_images: np.ndarray | torch.Tensor) -> dict:
     """Median nearest-train distance of each generated set, of the real (held-out) images,
     and their ratio (about 1 or more: no copying; far below 1: training images redrawn)."""
-    train = to_float(train_images).flatten(1)  # once for every set compared
+    # once for every set compared; uint8 (M, H, W, 3) or floats (M, 3, H, W) in [0, 1]
+    train = (train_images if torch.is_tensor(train_images) else to_float(train_images)).flatten(1)
     real_median = float(nearest_train_distance(real, train).median())
     result = {"real_median": real_median}
     for name, images in generated.items():
@@ -149,6 +150,7 @@ class EvaluationContext:
     manifest: dict
     vocab: Vocabulary
     train: dict                          # read_split_arrays of the train split
+    train_images: torch.Tensor           # its images as floats (N, 3, H, W), converted once
     judge: torch.nn.Module               # the CNN dual encoder (t2i.training.encoders.JUDGE)
     pixel_judge: PixelNeighbourJudge
     mean_image: torch.Tensor             # (3, H, W): the mean-image baseline
@@ -170,6 +172,7 @@ def evaluate(checkpoint: str | Path, data: str | Path, split: str = "test", out:
     train = read_split_arrays(root, manifest, "train")
     context = EvaluationContext(
         loaded=loaded, root=root, manifest=manifest, vocab=vocab, train=train,
+        train_images=to_float(train["images"]).contiguous(),  # contiguous: flatten(1) is a view
         judge=encoders.load_or_train(encoders.JUDGE, root, manifest, vocab, train, log),
         pixel_judge=PixelNeighbourJudge(train["images"], train["embeddings"], train["caption_image"], vocab.vectors),
         mean_image=torch.as_tensor(train["images"].astype(np.float32).mean(axis=0) / 255.0).permute(2, 0, 1),
@@ -241,7 +244,7 @@ def score_split(context: EvaluationContext, split: str) -> dict:
         pixel = r_precision(pixel_judge, images, part["word_ids"], part["caption_image"], seed=seed)
         table[name]["r_precision_pixel"], table[name]["r_precision_pixel_std"] = pixel["r_precision"], pixel["r_precision_std"]
     generated = {"model_mean": generated, **({"model_sample": sampled_first} if samples else {})}
-    copies = copy_check(generated, truth_all, train["images"])
+    copies = copy_check(generated, truth_all, context.train_images)
     distribution = set_distances(context, truth_all, {**generated, f"baseline_knn{KNN}": knn})
     if is_shapes:
         for name in ("real", "model_mean", "model_sample", f"baseline_knn{KNN}"):
@@ -255,7 +258,7 @@ def score_split(context: EvaluationContext, split: str) -> dict:
 def set_distances(context: EvaluationContext, real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict:
     """Judge Fréchet / kernel distances and the power-spectrum check of each image set
     against the split's real images, with real train images as the floor (``real_train``)."""
-    sets = {**sets, "real_train": to_float(context.train["images"])}
+    sets = {**sets, "real_train": context.train_images}
     distances = judge_distances(context.judge, real, sets)
     spectra = spectrum_check(real, sets)
     return {name: {**distances[name], **{f"spectrum_{k}": v for k, v in spectra[name].items()}} for name in sets}

@@ -24,6 +24,12 @@ def encode_prompts(vocab: Vocabulary, prompts: list[str], max_words: int) -> tor
     return torch.stack(rows).long()
 
 
+def seeded_noise(n: int, latent_dim: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """(n, latent_dim) standard-normal noise from its own generator: one caption's draws, the
+    same whichever other captions are drawn beside it (generate, and every server request)."""
+    return torch.randn((n, latent_dim), generator=torch.Generator(device=device).manual_seed(seed), device=device)
+
+
 @torch.no_grad()
 def sample_prompts(model, vocab: Vocabulary, prompts: list[str], n: int, max_words: int,
                    seed: int | Sequence[int], deterministic: bool = False) -> torch.Tensor:
@@ -40,8 +46,7 @@ def sample_prompts(model, vocab: Vocabulary, prompts: list[str], n: int, max_wor
     if deterministic:
         images = model.sample(word_ids, n=n, deterministic=True)
     else:
-        noise = [torch.randn((n, model.latent_dim), generator=torch.Generator(device=device).manual_seed(s),
-                             device=device) for s in seeds]
+        noise = [seeded_noise(n, model.latent_dim, s, device) for s in seeds]
         images = model.sample_from_noise(word_ids.repeat_interleave(n, dim=0), torch.cat(noise))
         images = images.view(len(prompts), n, *images.shape[1:])
     model.train(was_training)

@@ -18,7 +18,7 @@ import torch
 
 from t2i import storage
 from t2i.errors import T2IError
-from t2i.generation.generate import max_words_of
+from t2i.generation.generate import max_words_of, seeded_noise
 from t2i.generation.grid import grid_image, png_bytes, to_uint8
 from t2i.models import count_parameters
 from t2i.training import checkpoint as ckpt_lib
@@ -198,8 +198,7 @@ class CaptionGenerator:
             row = torch.zeros(self.max_words, dtype=torch.long)
             row[: len(ids)] = torch.tensor(ids)
             rows.append(row.expand(request.n, -1))
-            generator = torch.Generator(device=self.device).manual_seed(request.seed)
-            noise.append(torch.randn((request.n, self.model.latent_dim), generator=generator, device=self.device))
+            noise.append(seeded_noise(request.n, self.model.latent_dim, request.seed, self.device))
         images = self.model.sample_from_noise(torch.cat(rows).to(self.device), torch.cat(noise))
         tiles = to_uint8(images)
         drawings, start = [], 0

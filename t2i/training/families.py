@@ -342,12 +342,11 @@ class GANFamily(Family):
         generator, critic = self.generator, unwrap(self.discriminator)
         with autocast():
             fake, mu, logvar = generator(word_ids)
-        *logits, _ = critic(images, fake.float(), word_ids, other_image_rows(images))
-        logits = torch.stack([part.float() for part in logits])
-        d_terms = discriminator_hinge_loss(*logits)
+        real, mismatched, fake_logits, _ = critic(images, fake.float(), word_ids, other_image_rows(images))
+        d_terms = discriminator_hinge_loss(real.float(), mismatched.float(), fake_logits.float())
         kl = standard_normal_kl(mu, logvar)
         align = self._dev_alignment(fake, word_ids)
-        loss = generator_hinge_loss(logits[2]) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+        loss = generator_hinge_loss(fake_logits.float()) + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
         return {"loss": loss, "kl": kl, "align": align, **d_terms,
                 "gen_mse": generation_error(generator, images, word_ids).mean()}
 
