@@ -1,4 +1,4 @@
-"""t2i <command> (or python -m t2i): prepare, train, tune, generate, evaluate, report, serve.
+"""t2i <command> (or python -m t2i): prepare, train, tune, generate, evaluate, export, report, serve.
 
 Each subcommand only parses its arguments and calls one function of the package; errors
 that a user can fix (bad paths, bad config keys, broken checkpoints: ``T2IError``) print
@@ -150,6 +150,12 @@ def _evaluate(args: argparse.Namespace) -> dict:
     return evaluate(args.checkpoint, args.data, split=args.split, out=args.out, settings=settings, log=log)
 
 
+def _export(args: argparse.Namespace) -> dict:
+    from t2i.training.checkpoint import export  # noqa: PLC0415
+
+    return export(args.checkpoint, args.out)
+
+
 def _report(args: argparse.Namespace) -> dict:
     from t2i.evaluation.table2 import build_report, parse_epochs  # noqa: PLC0415
 
@@ -216,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-pairs", type=int, default=0, help="evaluate a random subset (0 = all)")
     ev.add_argument("--out", help="also write the JSON here")
     ev.set_defaults(run=_evaluate)
+
+    exp = commands.add_parser("export", help="a checkpoint -> model.safetensors + config.json + vocab.json")
+    exp.add_argument("--checkpoint", required=True,
+                     help="a model.pt, its checkpoint folder, or a run folder (its best checkpoint)")
+    exp.add_argument("--out", required=True, help="new folder (generate, evaluate and serve load it)")
+    exp.set_defaults(run=_export)
 
     rep = commands.add_parser("report", help="the seed's Table 2: Models 1-3, the cvae and the gan on Flickr8k")
     rep.add_argument("--data", required=True, help="prepared Flickr8k folder")

@@ -105,6 +105,10 @@ class TrainConfig:
     max_failures: int = 1          # worker-group restarts from the last checkpoint
     keep_best: int = 2             # checkpoints kept by dev loss (the latest is always kept)
     data_cpu_limit: float = 1.0    # Ray Data CPU cap on clusters of <= 4 CPUs (larger ones: none); 0 = never
+    # Curves, sample grids and hyperparameters besides metrics.csv (t2i.training.tracking):
+    # "tensorboard" (event files in the run folder), "mlflow" (those and an MLflow run at
+    # MLFLOW_TRACKING_URI, else <storage_path>/mlruns; needs `pip install 't2i[mlflow]'`), "none".
+    tracking: str = "tensorboard"
     torch_threads: int = 0         # intra-op threads per worker; 0 = the whole CPUs Ray assigned it, or with
                                    # a fraction of one, the node's usable CPUs (affinity, cgroup) / its workers
 
@@ -135,6 +139,7 @@ CHOICES = {
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "train.tracking": ("tensorboard", "mlflow", "none"),
 }
 
 

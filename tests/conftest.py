@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,11 +28,14 @@ def needs_flickr8k():
 
 @pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """One local Ray for all tests (starting Ray costs ~5 s)."""
+    """One local Ray for all tests (starting Ray costs ~5 s). With its dashboard, as t2i's
+    own start_ray has: Train's placement-group cleaner asks the dashboard's State API
+    whether a finished Tune trial's Train controller is gone; without it, every trial's
+    worker bundle stays reserved and the next sweep in this process waits for CPUs forever."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False,
                  _temp_dir=None, configure_logging=False)
     yield ray
     ray.shutdown()
@@ -65,3 +70,34 @@ def checkpoint(shapes_dir, tmp_path_factory) -> Path:
     return ckpt_lib.save(folder, model=build_model(cfg.model, vocab.vectors), cfg=cfg, vocab=vocab, epoch=2,
                          metrics={"dev_loss": 1.0, "selection": 1.0, "selected_by": "dev_gen_mse"},
                          data={"max_words": 32, "dataset": "shapes"})
+
+
+def chromium() -> tuple[str, str] | None:
+    """The system's Chromium and chromedriver (.ci/run installs Debian's), or None."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    return (browser, driver) if browser and driver else None
+
+
+needs_chromium = pytest.mark.skipif(chromium() is None, reason="no chromium + chromedriver here: `apt-get install -y "
+                                                               "chromium chromium-driver` (.ci/run installs them)")
+
+
+@contextlib.contextmanager
+def headless_chromium(width: int = 900, height: int = 700):
+    """A Selenium driver for the system Chromium, never Selenium Manager (which would try
+    to download a browser or driver)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    browser, driver_path = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 f"--window-size={width},{height}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -2,15 +2,19 @@
 
 Each Tune trial runs :func:`trial_driver`, a tiny function that builds the same
 ``TorchTrainer`` as ``train_job.py`` (``t2i.training.driver.make_trainer``) with the trial's
-hyperparameters and reports every epoch to Tune through ``TuneReportCallback``. ASHA stops
-poor trials early on the target metric. The sweep lives in
-``<storage>/<name>``: Tune's state (for ``Tuner.restore``), one Train run per trial under
-``trials/`` (checkpoints + sample grids), ``results.csv`` and ``best_config.toml``.
+hyperparameters and reports every epoch to Tune through ``TuneReportCallback``. Trials are
+proposed at random, by Optuna's TPE or by BOHB (``search.algorithm``), and stopped early by
+ASHA (BOHB: its own HyperBand). The sweep lives in ``<storage>/<name>``: Tune's state (for
+``Tuner.restore``, the search algorithm's included), one Train run per trial under
+``trials/`` (checkpoints, sample grids, TensorBoard files with the trial's hyperparameters),
+``results.csv`` and ``best_config.toml``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +22,9 @@ from typing import Any
 
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, HyperBandForBOHB
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
 from t2i import config as config_lib
 from t2i import console, storage
@@ -38,6 +44,9 @@ from t2i.training.families import FAMILIES
 OTHER_METRICS = ("samples_per_s", "epoch_s", "lr", "epoch", "epochs_done", "selection")
 PROGRESS = "epochs_done"  # ASHA's clock: epochs trained, also across a restored sweep
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "randint")
+# Search algorithm -> the packages it needs (module name, pip name).
+ALGORITHMS = {"random": (), "optuna": (("optuna", "optuna"),),
+              "bohb": (("hpbandster", "hpbandster"), ("ConfigSpace", "ConfigSpace"))}
 
 
 @dataclass
@@ -48,10 +57,13 @@ class SearchConfig:
     # dev captions alone (a model's ELBO lets its encoder see the image: not generation).
     metric: str = "dev_gen_mse"
     mode: str = "min"
-    num_samples: int = 8            # trials (random search)
+    # "random", "optuna" (Tree-structured Parzen Estimator; Bergstra et al. 2011) or "bohb"
+    # (Bayesian optimisation + HyperBand; Falkner et al. 2018); benchmarks/bench_search.py compares them.
+    algorithm: str = "random"
+    num_samples: int = 8            # trials
     max_concurrent_trials: int = 1  # 1 on a 2-core machine; more on a cluster
-    grace_period: int = 1           # epochs every trial gets before ASHA may stop it
-    reduction_factor: int = 2       # ASHA keeps 1/reduction_factor of trials at each rung
+    grace_period: int = 1           # epochs every trial gets before ASHA may stop it (not BOHB's HyperBand)
+    reduction_factor: int = 2       # ASHA (or HyperBand) keeps 1/reduction_factor of trials at each rung
     seed: int = 0
     # {config key: {type: loguniform|uniform|choice|randint, low/high or values}}
     space: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -91,6 +103,7 @@ def with_hyperparameters(base: Config, hp: dict[str, Any]) -> Config:
     cfg = config_lib.from_dict(base.to_dict())
     for key, value in hp.items():
         section, _, name = key.partition(".")
+        value = value.item() if hasattr(value, "item") else value  # BOHB proposes numpy scalars
         config_lib.apply(cfg, {section: {name: value}})
     config_lib.validate(cfg)
     return cfg
@@ -145,6 +158,7 @@ def load_search(path: str | Path | None, overrides: list[str] = ()) -> tuple[Sea
         setattr(search, name, type(current)(value) if not isinstance(value, type(current)) else value)
     if search.mode not in ("min", "max"):
         raise ConfigError("search.mode must be 'min' or 'max'")
+    check_algorithm(search.algorithm)
     base = config_lib.load(search.base_config, train_overrides)  # a path or a built-in name
     if search.metric not in reported_metrics(base):
         raise ConfigError(f"search.metric {search.metric!r} is never reported by training; "
@@ -179,12 +193,43 @@ class TrialLines(tune.Callback):
         self._say(trial, f"failed (details in {trial.local_path or 'the sweep folder'})")
 
 
+def check_algorithm(algorithm: str) -> None:
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"search.algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    missing = [pip for module, pip in ALGORITHMS[algorithm] if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ConfigError(f"search.algorithm={algorithm!r} needs {' and '.join(missing)}, not installed here: "
+                          f"pip install 't2i[search]' (or: pip install {' '.join(missing)})")
+
+
+def search_strategy(search: SearchConfig, epochs: int):
+    """(search algorithm, trial scheduler) for ``search.algorithm``; at most
+    ``max_concurrent_trials`` trials run at once, whichever proposes them."""
+    if search.algorithm == "bohb":
+        from ray.tune.search.bohb import TuneBOHB  # noqa: PLC0415 - optional packages
+
+        # BOHB's model-based proposals go with its own HyperBand brackets (Falkner et al. 2018).
+        return (ConcurrencyLimiter(TuneBOHB(seed=search.seed), max_concurrent=search.max_concurrent_trials),
+                HyperBandForBOHB(time_attr=PROGRESS, max_t=epochs, reduction_factor=search.reduction_factor))
+    asha = ASHAScheduler(time_attr=PROGRESS, max_t=epochs, grace_period=search.grace_period,
+                         reduction_factor=search.reduction_factor)
+    if search.algorithm == "optuna":
+        from optuna.samplers import TPESampler  # noqa: PLC0415
+        from ray.tune.search.optuna import OptunaSearch  # noqa: PLC0415
+
+        # TPE's default of 10 random start-up trials would leave a small sweep random
+        # search; a third of the budget (at least 2) starts its model.
+        sampler = TPESampler(seed=search.seed, n_startup_trials=max(2, search.num_samples // 3))
+        return ConcurrencyLimiter(OptunaSearch(sampler=sampler), max_concurrent=search.max_concurrent_trials), asha
+    return BasicVariantGenerator(random_state=search.seed, max_concurrent=search.max_concurrent_trials), asha
+
+
 def trial_driver(params: dict) -> None:
     """One Tune trial: the training job with this trial's hyperparameters."""
     cfg = with_hyperparameters(config_lib.from_dict(params["base"]), params["hp"])
     trial_name = f"trial_{tune.get_context().get_trial_id()}"
     plan = make_trainer(cfg, callbacks=[TuneReportCallback()], run_name_override=trial_name,
-                        storage_override=params["trials_dir"])
+                        storage_override=params["trials_dir"], experiment=params["sweep"])
     check_gpu_workers(plan.facts)
     plan.trainer.fit()
 
@@ -206,22 +251,24 @@ def run(search: SearchConfig, base: Config) -> dict:
     base.train.storage_path = storage.absolute(base.train.storage_path)
     check_cluster_storage(base, {"data.path": base.data.path, "train.storage_path": base.train.storage_path})
     trainable = tune.with_resources(trial_driver, {"CPU": 0.01})  # the driver itself is idle
+    # Each trial's own run folder has its TensorBoard files (t2i.training.tracking); Tune's
+    # automatic TensorBoardX logger would add a second, differently named copy of every trial.
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    loggers = [CSVLoggerCallback(), JsonLoggerCallback()]  # what ResultGrid reads back
     if tune.Tuner.can_restore(root):
         print(f"resuming sweep {root}")
         tuner = tune.Tuner.restore(root, trainable=trainable, resume_unfinished=True, resume_errored=True)
     else:
-        scheduler = ASHAScheduler(time_attr=PROGRESS, max_t=base.train.epochs, grace_period=search.grace_period,
-                                  reduction_factor=search.reduction_factor)
-        param_space = {"base": base.to_dict(), "trials_dir": storage.join(root, "trials"), "hp": build_space(search, base)}
+        search_alg, scheduler = search_strategy(search, base.train.epochs)
+        param_space = {"base": base.to_dict(), "trials_dir": storage.join(root, "trials"), "sweep": search.name,
+                       "hp": build_space(search, base)}
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(metric=search.metric, mode=search.mode, scheduler=scheduler,
                                         num_samples=search.num_samples,
-                                        max_concurrent_trials=search.max_concurrent_trials,
-                                        search_alg=tune.search.BasicVariantGenerator(
-                                            random_state=search.seed, max_concurrent=search.max_concurrent_trials)),
+                                        max_concurrent_trials=search.max_concurrent_trials, search_alg=search_alg),
             run_config=tune.RunConfig(name=search.name, storage_path=base.train.storage_path,
-                                      callbacks=[TrialLines(base.train.epochs)],
+                                      callbacks=[TrialLines(base.train.epochs), *loggers],
                                       verbose=None if console.verbose() else 0),
         )
     grid = tuner.fit()
@@ -231,7 +278,7 @@ def run(search: SearchConfig, base: Config) -> dict:
 def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     rows = []
     for result in grid:
-        hp = result.config["hp"]
+        hp = {key: value.item() if hasattr(value, "item") else value for key, value in result.config["hp"].items()}
         trial_id = result.metrics.get("trial_id") if result.metrics else storage.name(result.path)
         # The trial's run folder is the truth: Tune's last result misses an epoch finished
         # while the sweep was being interrupted, and a restored trial with nothing left to

@@ -22,6 +22,7 @@ from t2i.generation.generate import max_words_of, seeded_noise
 from t2i.generation.grid import grid_image, png_bytes, to_uint8
 from t2i.models import count_parameters
 from t2i.training import checkpoint as ckpt_lib
+from t2i.training import export as export_lib
 
 MAX_CAPTION_CHARS = 200
 MAX_IMAGES = 16             # images per request
@@ -145,7 +146,10 @@ class Drawing:
 
 
 def run_name_of(model_path: str) -> str:
-    """``runs/f8k-gan/checkpoint_x/model.pt`` -> ``f8k-gan`` (the folder a checkpoint's run lives in)."""
+    """``runs/f8k-gan/checkpoint_x/model.pt`` -> ``f8k-gan`` (the folder a checkpoint's run lives in);
+    an exported folder (``t2i export``) is named by itself."""
+    if export_lib.is_export(str(model_path)):
+        return storage.name(model_path)
     checkpoint_folder = storage.parent(str(model_path))
     return storage.name(storage.parent(checkpoint_folder)) or storage.name(checkpoint_folder)
 

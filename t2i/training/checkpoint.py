@@ -25,6 +25,7 @@ from t2i import storage
 from t2i.data.text import PAD, Vocabulary
 from t2i.errors import T2IError
 from t2i.models import TextToImage, build_model
+from t2i.training import export as export_lib
 from t2i.training.families import unwrap
 
 FORMAT = "t2i-checkpoint/2"
@@ -104,9 +105,10 @@ def state_digest(state) -> str:
 
 def model_file(location: str | Path) -> str:
     """``model.pt`` itself, given the file, its checkpoint folder, or a run folder (then the
-    best checkpoint by :data:`SELECTION_METRIC`, the latest among ties)."""
+    best checkpoint by :data:`SELECTION_METRIC`, the latest among ties); an exported folder
+    (``t2i export``) is its own model file."""
     location = str(location)
-    if not storage.is_dir(location):
+    if not storage.is_dir(location) or export_lib.is_export(location):
         return location
     if storage.is_file(storage.join(location, FILENAME)):
         return storage.join(location, FILENAME)
@@ -125,6 +127,11 @@ def best_in_run(run_dir: str | Path) -> str | None:
 def read_state(path: str | Path) -> dict:
     """The raw checkpoint dict, with clear errors for missing, corrupt or foreign files."""
     path = model_file(path)
+    if export_lib.is_export(path):
+        try:
+            return export_lib.read(path)
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is a damaged t2i export: {exc}") from None
     if not storage.is_file(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -205,6 +212,21 @@ def load(path: str | Path) -> LoadedCheckpoint:
                               f"({cfg.model.family}, width {cfg.model.width}): {_weights_mismatch(exc)}") from None
     model.eval()
     return LoadedCheckpoint(model, Vocabulary(words, vectors), cfg, state)
+
+
+def export(checkpoint: str | Path, out: str) -> dict:
+    """``t2i export``: the checkpoint's generator as safetensors + config + vocabulary in
+    ``out`` (t2i.training.export), checked to load the same model before it is written."""
+    source = model_file(checkpoint)
+    if storage.is_dir(out) and storage.list_names(out):
+        raise CheckpointError(f"{out} already exists and is not empty; choose a new --out folder")
+    loaded = load(source)  # the whole checkpoint is valid and builds its model
+    written = export_lib.write(loaded.state, str(out))
+    back = load(str(out))
+    if state_digest(back.model.state_dict()) != state_digest(loaded.model.state_dict()):
+        raise CheckpointError(f"{out}: the exported weights do not read back equal to {source}")
+    return {"out": str(out), "files": written, "source": source, "epoch": loaded.state["epoch"],
+            "family": loaded.config.model.family, "selection": loaded.state["metrics"].get(SELECTION_METRIC)}
 
 
 def check_compatible(state: dict, cfg: config_lib.Config, where: str) -> None:

@@ -46,6 +46,7 @@ from t2i.training import checkpoint as ckpt_lib
 from t2i.training import encoders, run_files
 from t2i.training.families import DEV_ALIGN_DISTRACTORS
 from t2i.training.loop import DataInfo, WorkerPlan, train_func
+from t2i.training.tracking import DEFAULT_EXPERIMENT, plan_tracking
 
 
 # ----------------------------------------------------------------------------- preflight
@@ -175,9 +176,11 @@ class TrainerPlan:
 
 
 def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None,
-                 storage_override: str | None = None, fail_once_at_epoch: int = -1) -> TrainerPlan:
-    """The TorchTrainer for ``cfg`` (also used by Tune trials). ``fail_once_at_epoch``: a
-    fault drill for tests (a worker raises once in that epoch)."""
+                 storage_override: str | None = None, fail_once_at_epoch: int = -1,
+                 experiment: str = DEFAULT_EXPERIMENT) -> TrainerPlan:
+    """The TorchTrainer for ``cfg`` (also used by Tune trials, with their sweep's name as
+    the MLflow ``experiment``). ``fail_once_at_epoch``: a fault drill for tests (a worker
+    raises once in that epoch)."""
     for warning in check_paths_under_job(cfg, submitted_working_dir()):
         _say(f"warning: {warning}")
     data_root = resolve_data(cfg)
@@ -191,6 +194,7 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     storage_root = storage.absolute(storage_override or cfg.train.storage_path)
     check_cluster_storage(cfg, {"data.path": data_root, "train.storage_path": storage_root})
     run_dir = storage.join(storage_root, name)
+    tracking = plan_tracking(cfg, storage_root, experiment)
     vocab = load_vocabulary(data_root)  # read once: the resume check and the plan use it
     resumed = check_resume(run_dir, cfg, vocab, data_root)
     prompts = usable_prompts(cfg, manifest, vocab)
@@ -207,6 +211,7 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     plan = WorkerPlan(
         cfg=cfg, run_dir=str(run_dir), train_images=manifest["splits"]["train"]["images"],
         prompts=prompts, alignment_encoder=aligner, dev_distractors=distractors, fail_once_at_epoch=fail_once_at_epoch,
+        tracking=tracking,
         data=DataInfo(dataset=manifest["dataset"], path=str(data_root), image_size=manifest["image_size"],
                       max_words=manifest["max_words"], embedding=manifest["embedding"], mode=data_mode(cfg, manifest)))
     quiet_ray_data()  # before the datasets copy Ray Data's context
@@ -282,6 +287,7 @@ def summarize(run_dir: str, error: Exception | None = None) -> dict:
         "samples": storage.join(run_dir, "samples"),
         "metrics_csv": storage.join(run_dir, run_files.METRICS_CSV),
         "loss_curve": storage.join(run_dir, run_files.LOSS_CURVE),
+        "tensorboard": f"tensorboard --logdir {storage.parent(run_dir)}",
         "epochs_done": latest[0] + 1 if latest else 0,
         "data_mode": ckpt_lib.read_meta(latest[2]).get("data", {}).get("mode") if latest else None,
         "metrics": latest[1] if latest else {},

@@ -143,6 +143,10 @@ class Family(abc.ABC):
     def lr(self) -> float:
         return next(iter(self.optimizers.values())).param_groups[0]["lr"]
 
+    def learning_rates(self) -> dict[str, float]:
+        """The current learning rate of every optimizer, by network."""
+        return {name: optimizer.param_groups[0]["lr"] for name, optimizer in self.optimizers.items()}
+
     # -- checkpoints ----------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything needed to resume except the generator's weights (stored as ``model``)."""

@@ -14,7 +14,7 @@ import os
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from t2i.runtime.ray_env import assigned_cpus, usable_cpus, worker_threads
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training import encoders, run_files
 from t2i.training.families import Family, make_family
+from t2i.training.tracking import EpochRecord, TrackingPlan, open_trackers
 
 EVAL_BATCH = 256  # evaluation batch size at least (training's may be smaller)
 
@@ -59,6 +60,7 @@ class WorkerPlan:
     alignment_encoder: dict | None = None  # frozen weights of the gan's alignment-loss encoder
     dev_distractors: np.ndarray | None = None  # dev_align's fixed candidate captions (train rows)
     fail_once_at_epoch: int = -1      # fault drill for tests: raise once in this epoch
+    tracking: TrackingPlan = field(default_factory=TrackingPlan)  # TensorBoard / MLflow besides the metrics files
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -194,11 +196,14 @@ def train_func(config: dict) -> None:
 
 
 class EpochReporter:
-    """Ends each epoch: rank 0 saves the checkpoint, the sample grid and the run's metrics
-    files; every rank reports to Ray Train (which keeps the best checkpoints)."""
+    """Ends each epoch: rank 0 saves the checkpoint, the sample grid, the run's metrics
+    files and its tracking (TensorBoard, MLflow); every rank reports to Ray Train (which
+    keeps the best checkpoints)."""
 
     def __init__(self, plan: WorkerPlan, vocab: Vocabulary, rank: int):
         self.plan, self.vocab, self.rank = plan, vocab, rank
+        self.trackers = (open_trackers(plan.tracking, plan.run_dir, storage.name(plan.run_dir), plan.cfg)
+                         if rank == 0 else [])
 
     def report(self, family: Family, metrics: dict, epoch: int) -> None:
         cfg, run_dir = self.plan.cfg, self.plan.run_dir
@@ -211,7 +216,11 @@ class EpochReporter:
                                       cfg.data.samples_per_prompt, self.plan.data.max_words, cfg.train.seed,
                                       Path(folder) / "samples.png")
                 storage.upload(grid, storage.join(run_dir, "samples", f"epoch_{epoch:03d}.png"))
-                run_files.record_epoch(run_dir, metrics)
+                history = run_files.record_epoch(run_dir, metrics)
+                record = EpochRecord(epoch=epoch, metrics=metrics, history=history, grid_png=Path(grid),
+                                     learning_rates=family.learning_rates(), final=epoch + 1 >= cfg.train.epochs)
+                for tracker in self.trackers:
+                    tracker.log(record)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
                 if local_mode(cfg):  # Ray persists nothing in local mode: keep every epoch ourselves
                     storage.copy_dir(folder, storage.join(run_dir, f"checkpoint_local_epoch{epoch:04d}"))

@@ -1,4 +1,5 @@
-"""Ray Tune sweep: validation before trials, a smoke sweep, resume after an interrupt."""
+"""Ray Tune sweeps: validation before trials, random / Optuna / BOHB search on tiny data,
+an interrupted Optuna sweep resumed, each trial's hyperparameters in TensorBoard."""
 
 import csv
 import json
@@ -62,11 +63,63 @@ def trial_epochs(sweep_dir):
             for d in (sweep_dir / "trials").iterdir() if d.is_dir()}
 
 
-def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path, ray_session):
+def trial_hyperparameters(trial_dir) -> dict:
+    """The hyperparameters TensorBoard's HParams view shows for a trial (its event files)."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import metadata
+
+    events = EventMultiplexer()
+    events.AddRunsFromDirectory(str(trial_dir))
+    events.Reload()
+    [content] = events.PluginRunToTagToContent(metadata.PLUGIN_NAME).values()
+    start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    return {key: value.number_value if value.HasField("number_value") else value.string_value
+            for key, value in start.hparams.items()}
+
+
+def assert_trials_in_tensorboard(sweep_dir, summary):
+    """Every trial's curves and hyperparameters sit in its own run folder, and nothing else
+    in the sweep (Tune's automatic TensorBoardX copies) adds a second run per trial."""
+    events = sorted(p.relative_to(sweep_dir).parts[:2] for p in sweep_dir.rglob("events.out.tfevents.*"))
+    trial_dirs = sorted(d.name for d in (sweep_dir / "trials").iterdir() if d.is_dir())
+    assert sorted(set(events)) == [("trials", name) for name in trial_dirs], events
+    with open(summary["table"]) as table:
+        rows = {row["trial"]: row for row in csv.DictReader(table)}
+    for name in trial_dirs:
+        hp = trial_hyperparameters(sweep_dir / "trials" / name)
+        for key in summary["best_hyperparameters"]:
+            assert str(hp[key]) == rows[name][key] or float(hp[key]) == pytest.approx(float(rows[name][key])), key
+
+
+@pytest.mark.parametrize("algorithm", ["random", "bohb"])
+def test_random_and_bohb_sweeps_run_and_rank_their_trials(algorithm, shapes_dir, tmp_path, ray_session):
+    from t2i.runtime.tune import load_search, run
+
+    search, base = load_search("default", SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
+                                                   f"search.algorithm={algorithm}", "search.name=sw"])
+    summary = run(search, base)
+    assert summary["trials"] == 2 and summary["best_checkpoint"]
+    json.dumps(summary)  # plain values (BOHB proposes numpy scalars)
+    assert set(summary["best_hyperparameters"]) == set(search.space)
+    assert_trials_in_tensorboard(tmp_path / "sw", summary)
+
+
+def test_a_missing_search_package_is_named(monkeypatch):
+    from t2i.runtime import tune as sweep
+
+    real = sweep.importlib.util.find_spec
+    monkeypatch.setattr(sweep.importlib.util, "find_spec", lambda name: None if name == "hpbandster" else real(name))
+    with pytest.raises(ConfigError, match="search.algorithm='bohb' needs hpbandster, not installed"):
+        sweep.load_search("default", ["search.algorithm=bohb"])
+    with pytest.raises(ConfigError, match="search.algorithm must be one of random, optuna, bohb"):
+        sweep.load_search("default", ["search.algorithm=grid"])
+
+
+def test_interrupted_optuna_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path, ray_session):
     from t2i.runtime.tune import load_search, run
 
     args = [f"--set={o}" for o in SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
-                                          "search.name=sw"]]
+                                          "search.name=sw", "search.algorithm=optuna"]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(REPO / "tune_search.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -93,8 +146,9 @@ def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path
     # Usually [[0], [0, 1]]; the second trial may just finish its last epoch while stopping.
     assert len(before) == 2 and [0, 1] in before.values() and all(e[:1] == [0] for e in before.values()), before
 
-    search, base = load_search(REPO / "t2i" / "configs" / "sweeps" / "default.toml", SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
-                                              "search.name=sw"])
+    search, base = load_search(REPO / "t2i" / "configs" / "sweeps" / "default.toml",
+                               SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}", "search.name=sw",
+                                        "search.algorithm=optuna"])
     summary = run(search, base)
     after = trial_epochs(tmp_path / "sw")
     assert all(after[name] == [0, 1] for name in finished)  # a finished trial is not trained again
@@ -108,6 +162,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(shapes_dir, tmp_path
     assert float(rows[0]["best_dev_gen_mse"]) <= float(rows[1]["best_dev_gen_mse"])
     assert summary["best_checkpoint"] and os.path.exists(summary["best_checkpoint"])
     json.dumps(summary)
+    assert_trials_in_tensorboard(tmp_path / "sw", summary)
 
     # The best config retrains with train_job's loader.
     best = config_lib.load(summary["best_config_file"], [f"train.storage_path={tmp_path / 'retrain'}",

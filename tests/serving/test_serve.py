@@ -7,7 +7,6 @@ import io
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import headless_chromium, needs_chromium
 from PIL import Image
 
 from t2i.cli import main as cli_main
@@ -355,28 +355,12 @@ def test_same_request_same_bytes_and_a_burst_is_all_answered(server):
 
 
 # ----------------------------------------------------------------------------- a real browser
-def chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
-@pytest.mark.skipif(chromium() is None, reason="no chromium + chromedriver here: `apt-get install -y chromium "
-                                               "chromium-driver` (.ci/run installs them)")
+@needs_chromium
 def test_page_in_headless_chromium(server, tmp_path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    browser, driver_path = chromium()
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=900,700"):
-        options.add_argument(flag)
-    # The system chromedriver, never Selenium Manager (which would try to download one).
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
-    try:
+    with headless_chromium() as driver:
         driver.get(server[0] + "/")
         assert "cvae" in driver.find_element(By.ID, "model").text
         box = driver.find_element(By.ID, "caption")
@@ -399,8 +383,6 @@ def test_page_in_headless_chromium(server, tmp_path):
         assert len(driver.find_elements(By.CSS_SELECTOR, "#grid img")) == 5  # the last good images stay
         assert driver.save_screenshot(str(tmp_path / "page.png"))
         assert Image.open(tmp_path / "page.png").size[0] > 0
-    finally:
-        driver.quit()
 
 
 # Last: it stops the module's server.
