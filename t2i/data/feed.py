@@ -149,7 +149,7 @@ class ShardCache:
         self.offsets, self.keys = offsets, keys  # train shards only; on the host (tiny)
 
     @classmethod
-    def from_train_tables(cls, tables, image_size: int, device) -> "ShardCache":
+    def from_train_tables(cls, tables, image_size: int, device) -> ShardCache:
         # Ray Data delivers the shard's files in a different order every run: sorted by image
         # id, the seeded epoch order below picks the same images in every run of one seed.
         tables = list(tables)
@@ -162,7 +162,7 @@ class ShardCache:
                    image_keys(table.column("image_id").to_pylist()))
 
     @classmethod
-    def from_eval_batches(cls, batches, device) -> "ShardCache":
+    def from_eval_batches(cls, batches, device) -> ShardCache:
         batches = list(batches)
         return cls(_to_device([b["image"] for b in batches], device),
                    _to_device([b["word_ids"] for b in batches], device))

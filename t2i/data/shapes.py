@@ -218,7 +218,7 @@ def analyse(image: np.ndarray) -> dict[str, str | None]:
     w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
     padded = np.pad(mask, MARGIN)  # crop coordinates: the box starts MARGIN pixels in
     crop = padded[ys.min(): ys.max() + 1 + 2 * MARGIN, xs.min(): xs.max() + 1 + 2 * MARGIN]
-    overlap = {name: 0.0 for name in SHAPES}
+    overlap = dict.fromkeys(SHAPES, 0.0)
     for inset in BOX_INSETS:
         for name in SHAPES:
             template = shape_template(name, int(w), int(h), inset)

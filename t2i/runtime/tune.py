@@ -29,6 +29,7 @@ from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 from t2i import config as config_lib
 from t2i import console, storage
 from t2i.config import Config, ConfigError
+from t2i.errors import T2IError
 from t2i.runtime.ray_env import start_ray, submitted_working_dir
 from t2i.training import run_files
 from t2i.training.driver import (
@@ -278,7 +279,9 @@ def run(search: SearchConfig, base: Config) -> dict:
 def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     rows = []
     for result in grid:
-        hp = {key: value.item() if hasattr(value, "item") else value for key, value in result.config["hp"].items()}
+        # A trial that failed before it started has no config: its row keeps the columns.
+        proposed = (result.config or {}).get("hp") or dict.fromkeys(search.space)
+        hp = {key: value.item() if hasattr(value, "item") else value for key, value in proposed.items()}
         trial_id = result.metrics.get("trial_id") if result.metrics else storage.name(result.path)
         # The trial's run folder is the truth: Tune's last result misses an epoch finished
         # while the sweep was being interrupted, and a restored trial with nothing left to
@@ -303,6 +306,9 @@ def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     table = storage.write_csv(storage.join(root, "results.csv"), rows)
     print_table(rows)
     best_row = rows[0]
+    if math.isnan(best_row[f"best_{search.metric}"]):
+        raise T2IError(f"no trial of sweep {search.name} reported {search.metric}; each trial's error is in "
+                          f"{table} and its folder under {root}")
     best_cfg = with_hyperparameters(base, {key: best_row[key] for key in search.space})
     best_cfg.train.name = f"{search.name}-best"
     best_path = storage.join(root, "best_config.toml")

@@ -3,15 +3,13 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import FLICKR8K, needs_flickr8k
 from PIL import Image
 
 from t2i.data import shapes
-from t2i.data.dataset import DatasetError
+from t2i.data.dataset import DatasetError, load_manifest
 from t2i.data.flickr8k import hash_split
-from t2i.data.dataset import load_manifest
 from t2i.data.prepare import prepare_flickr8k, prepare_shapes, staged_output
-
-from conftest import FLICKR8K, needs_flickr8k
 
 NAMES = [f"{i}000_abc.jpg" for i in range(6)]
 

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from t2i.errors import T2IError
 from t2i.data.text import PAD, UnknownCaptionError, load_glove, tokenize, vocabulary_for
+from t2i.errors import T2IError
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -17,7 +17,7 @@ def test_tokenize_splits_clitics_as_glove_saw_them():
     assert tokenize("a horse 's lead") == ["a", "horse", "'s", "lead"]  # Flickr8k's captions come split
     assert tokenize("the 'big' dog") == ["the", "big", "dog"]  # quotes are not clitics
     vocab = load_glove(None, ["a", "man", "'s", "hat", "does", "n't"])
-    mean, ids = vocab.encode("a man's hat doesn't", 8)
+    _mean, ids = vocab.encode("a man's hat doesn't", 8)
     assert [vocab.words[i] for i in ids if i] == ["a", "man", "'s", "hat", "does", "n't"]
 
 

@@ -95,13 +95,23 @@ def assert_trials_in_tensorboard(sweep_dir, summary):
 def test_random_and_bohb_sweeps_run_and_rank_their_trials(algorithm, shapes_dir, tmp_path, ray_session):
     from t2i.runtime.tune import load_search, run
 
+    # The random sweep also logs to MLflow (local store), each trial a run in the sweep's experiment.
+    tracking = "mlflow" if algorithm == "random" else "tensorboard"
     search, base = load_search("default", SMOKE + [f"data.path={shapes_dir}", f"train.storage_path={tmp_path}",
-                                                   f"search.algorithm={algorithm}", "search.name=sw"])
+                                                   f"search.algorithm={algorithm}", "search.name=sw",
+                                                   f"train.tracking={tracking}"])
     summary = run(search, base)
     assert summary["trials"] == 2 and summary["best_checkpoint"]
     json.dumps(summary)  # plain values (BOHB proposes numpy scalars)
     assert set(summary["best_hyperparameters"]) == set(search.space)
     assert_trials_in_tensorboard(tmp_path / "sw", summary)
+    if tracking == "mlflow":
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = client.search_runs(client.get_experiment_by_name("sw").experiment_id)
+        trials = {d.name for d in (tmp_path / "sw" / "trials").iterdir()}
+        assert {r.info.run_name for r in runs} == trials and all("dev/gen_mse" in r.data.metrics for r in runs)
 
 
 def test_a_missing_search_package_is_named(monkeypatch):
