@@ -76,7 +76,7 @@ TRAIN = EntryScript(
     description="Train a text-to-image model on Ray Train (the built-in shapes set unless --data is given)",
     default_config="shapes",
     config_help="TOML config file, or a built-in one by name: shapes (default), shapes_seed, cvae, gan, "
-                "seed_model1, seed_model2, seed_model3",
+                "seed_model1, seed_model2, seed_model3, gan_flickr30k, gan_coco, cvae_flickr30k, cvae_coco",
     set_help="override one config key, e.g. --set optim.lr=3e-4 (repeatable)",
     smoke_help="a tiny 2-epoch run to check the setup",
     # Its own run name: a smoke test never resumes (or collides with) the default run's folder.

@@ -253,19 +253,36 @@ def resolve_config_file(name_or_path: str | Path, folder: Path = BUILTIN_CONFIGS
                       f"{', '.join(builtin_names(folder))})")
 
 
+def apply_file(cfg: Config, path: str | Path, chain: tuple[Path, ...] = ()) -> Config:
+    """Apply a config file; a top-level ``extends = "gan"`` (a built-in name or a path
+    beside it) applies that file first, so a variant names only what it changes."""
+    path = resolve_config_file(path)
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' loops back to itself ({' -> '.join(p.name for p in (*chain, path))})")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+        base = values.pop("extends", None)
+        if base is not None:
+            if not isinstance(base, str) or not base:
+                raise ConfigError(f"'extends' must name a config (e.g. extends = \"gan\"), got {base!r}")
+            beside = path.parent / base
+            apply_file(cfg, beside if beside.is_file() else base, (*chain, path.resolve()))
+        apply(cfg, values)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    except ConfigError as exc:
+        raise ConfigError(exc.args[0] if str(exc).startswith(str(path)) else f"{path}: {exc}") from exc
+    return cfg
+
+
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the TOML file (if any), then ``key=value`` overrides, in that order."""
+    """Defaults, then the TOML file (if any, after the one it ``extends``), then
+    ``key=value`` overrides, in that order."""
     cfg = Config()
     if path:
-        path = resolve_config_file(path)
-        try:
-            apply(cfg, tomllib.loads(path.read_text(encoding="utf-8")))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from exc
+        apply_file(cfg, path)
     for item in overrides:
         _set(cfg, *parse_override(item))
     validate(cfg)

@@ -62,3 +62,23 @@ def test_ctrl_c_stops_a_run_with_one_line_and_it_resumes(shapes_dir, tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert err.strip().splitlines()[-1].startswith("t2i: interrupted (Ctrl-C)")
     assert list((tmp_path / "smoke-test").glob("checkpoint_*/model.pt"))  # what finished is kept
+
+
+def test_a_config_extends_another_and_names_only_what_it_changes(tmp_path):
+    coco = config_lib.load("gan_coco")  # extends gan_flickr30k, which extends gan
+    gan = config_lib.load("gan")
+    assert coco.model.family == "gan" and coco.loss.augment == gan.loss.augment  # from gan
+    assert coco.model.width == 64 and coco.data.batch_size == 64                 # from gan_flickr30k
+    assert coco.train.epochs == 60 and coco.data.eval_captions == 1               # its own
+    (tmp_path / "a.toml").write_text('extends = "b.toml"\n[train]\nepochs = 3\n')
+    (tmp_path / "b.toml").write_text('extends = "a.toml"\n')
+    with pytest.raises(ConfigError, match="'extends' loops back"):
+        config_lib.load(tmp_path / "a.toml")
+    (tmp_path / "c.toml").write_text("extends = 3\n")
+    with pytest.raises(ConfigError, match="c.toml: 'extends' must name a config"):
+        config_lib.load(tmp_path / "c.toml")
+    (tmp_path / "d.toml").write_text('extends = "gna"\n')
+    with pytest.raises(ConfigError, match="d.toml: config file not found: gna"):
+        config_lib.load(tmp_path / "d.toml")
+    (tmp_path / "e.toml").write_text('extends = "shapes"\n[model]\nwidth = 9\n')
+    assert config_lib.load(tmp_path / "e.toml").model.width == 9 and config_lib.load(tmp_path / "e.toml").data.shapes_n == 6000
