@@ -1,7 +1,9 @@
-"""Prepare throughput and memory: real Flickr8k, and shapes at 1x and 10x images.
+"""Prepare throughput and memory: real Flickr8k (local processes, and Ray Data tasks with 1
+and 2 workers), and shapes at 1x and 10x images.
 
-Each preparation runs in a fresh Python process so its peak RSS is its own. Prints one
-line per run and the shapes RSS ratio (10x / 1x; streaming goal <= 1.2).
+Each preparation runs in a fresh Python process so its peak RSS is its own (Ray's start is
+outside the timed part). Prints one line per run, the Ray Data speed-up of 2 workers over 1,
+and the shapes RSS ratio (10x / 1x; streaming goal <= 1.2).
 
     python benchmarks/bench_prepare.py [--flickr8k ../shared/data/flickr8k] [--shapes-n 20000]
 """
@@ -20,9 +22,14 @@ CHILD = r"""
 import json, resource, sys, time
 from t2i.data import prepare
 kind, arg, out = sys.argv[1], sys.argv[2], sys.argv[3]
+if kind.startswith("ray"):
+    from t2i.runtime.ray_env import start_ray
+    start_ray()
 t0 = time.perf_counter()
 if kind == "flickr8k":
     m = prepare.prepare_flickr8k(arg, out)
+elif kind.startswith("ray"):  # "ray1", "ray2": Ray Data tasks, that many at once
+    m = prepare.prepare_flickr8k(arg, out, workers=int(kind[3:]), on_ray=True)
 else:
     m = prepare.prepare_shapes(out, n=int(arg))
 seconds = time.perf_counter() - t0
@@ -52,6 +59,11 @@ def main() -> None:
             r = run("flickr8k", args.flickr8k, tmp / "f8k")
             print(f"flickr8k: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_s']:.0f} images/s; "
                   f"peak RSS main {r['peak_rss_mb']:.0f} MB, decode worker {r['peak_worker_rss_mb']:.0f} MB")
+            on_ray = {n: run(f"ray{n}", args.flickr8k, tmp / f"f8k-ray{n}") for n in (1, 2)}
+            for n, r in on_ray.items():
+                print(f"flickr8k on Ray Data, {n} worker(s): {r['images']} images in {r['seconds']:.1f} s = "
+                      f"{r['images_per_s']:.0f} images/s")
+            print(f"Ray Data 2 workers / 1 worker = {on_ray[2]['images_per_s'] / on_ray[1]['images_per_s']:.2f}x")
         else:
             print(f"flickr8k: skipped, {args.flickr8k} not found")
         small = run("shapes", str(args.shapes_n), tmp / "s1")

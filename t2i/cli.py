@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -122,12 +123,15 @@ ENTRY_COMMANDS = {"train": (train_main, TRAIN), "tune": (tune_main, TUNE)}
 def _prepare(args: argparse.Namespace) -> dict:
     from t2i.data import prepare  # noqa: PLC0415 - keep `--help` fast
 
+    # On Ray Data when a cluster is there (RAY_ADDRESS) or --workers asks for tasks.
+    on_ray = bool(os.environ.get("RAY_ADDRESS")) or args.workers is not None
     if args.dataset == "flickr8k":
         return prepare.prepare_flickr8k(args.src, args.out, size=args.size, glove=args.glove,
-                                        shard_rows=args.shard_rows, overwrite=args.overwrite)
+                                        shard_rows=args.shard_rows, overwrite=args.overwrite,
+                                        workers=args.workers, on_ray=on_ray)
     if args.dataset in ("flickr30k", "coco"):
         settings = prepare.ImageSettings(size=args.size, glove=args.glove, shard_rows=args.shard_rows,
-                                         overwrite=args.overwrite)
+                                         overwrite=args.overwrite, workers=args.workers, on_ray=on_ray)
         if args.dataset == "coco":
             return prepare.prepare_coco(args.src, args.out, settings, karpathy=args.karpathy, year=args.year)
         return prepare.prepare_flickr30k(args.src, args.out, settings, karpathy=args.karpathy)
@@ -210,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     shp.add_argument("--n", type=int, default=20000, help="number of images")
     shp.add_argument("--seed", type=int, default=0)
     shp.add_argument("--shard-rows", type=int, default=2000, help="images per Parquet shard")
+    for sub in (f8k, f30k, mscoco):
+        sub.add_argument("--workers", type=int, help="build shards as Ray Data tasks, this many at once (default: "
+                                                      "on a cluster when RAY_ADDRESS is set, else local processes)")
     for sub in (f8k, f30k, mscoco, shp):
         sub.add_argument("--out", required=True, help="output folder (must not exist)")
         sub.add_argument("--glove", default=None,

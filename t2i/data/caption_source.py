@@ -28,6 +28,13 @@ class SkipLog:
         if len(shown) < 5:
             shown.append(example[:200])
 
+    def merge(self, other: dict) -> None:
+        """Add a :meth:`to_dict` of another log (a shard built elsewhere)."""
+        for reason, entry in other.items():
+            self.counts[reason] = self.counts.get(reason, 0) + entry["count"]
+            shown = self.examples.setdefault(reason, [])
+            shown.extend(entry["examples"][: max(0, 5 - len(shown))])
+
     def to_dict(self) -> dict:
         return {r: {"count": c, "examples": self.examples.get(r, [])} for r, c in sorted(self.counts.items())}
 

