@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from t2i.data.dataset import DatasetError
 
 SPLITS = ("train", "dev", "test")
+# Karpathy's split files (Flickr8k/30k, COCO): his "val" is t2i's dev; COCO's "restval" trains.
+KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 
 
 @dataclass
@@ -101,3 +104,26 @@ def read_token_file(path: Path, skips: SkipLog) -> dict[str, list[str]]:
             continue
         captions[name].append(caption.strip())
     return captions
+
+
+def read_karpathy(path: Path, skips: SkipLog) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(file name -> t2i split, file name -> sentences) from a Karpathy split file
+    (``images[].{filename, split, sentences[].raw}``)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not readable JSON: {exc}") from None
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        raise DatasetError(f"{path}: not a Karpathy split file (no 'images' list)")
+    split_of, sentences = {}, {}
+    for entry in images:
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        split = KARPATHY_SPLITS.get(entry.get("split")) if isinstance(entry, dict) else None
+        if not name or split is None:
+            skips.add("Karpathy entry without filename or known split", str(entry)[:120])
+            continue
+        split_of[name] = split
+        sentences[name] = [s["raw"].strip() for s in entry.get("sentences", [])
+                           if isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip()]
+    return split_of, sentences

@@ -18,9 +18,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from t2i.data.caption_source import CaptionSource, SkipLog, hash_bucket
+from t2i.data.caption_source import CaptionSource, SkipLog, hash_bucket, read_karpathy
 from t2i.data.dataset import DatasetError
-from t2i.data.flickr30k import KARPATHY_SPLITS
 
 YEARS = ("2014", "2017")
 KARPATHY_FILE = "dataset_coco.json"
@@ -77,24 +76,6 @@ def read_annotations(path: Path, skips: SkipLog) -> dict[str, list[str]]:
         else:
             captions[name].append(" ".join(caption.split()))  # some captions carry newlines
     return captions
-
-
-def read_karpathy(path: Path, skips: SkipLog) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """(file name -> t2i split, file name -> sentences) from ``dataset_coco.json``."""
-    images = _load_json(path).get("images")
-    if not isinstance(images, list):
-        raise DatasetError(f"{path}: not a Karpathy split file (no 'images' list)")
-    split_of, sentences = {}, {}
-    for entry in images:
-        name = entry.get("filename") if isinstance(entry, dict) else None
-        split = KARPATHY_SPLITS.get(entry.get("split")) if isinstance(entry, dict) else None
-        if not name or split is None:
-            skips.add("Karpathy entry without filename or known split", str(entry)[:120])
-            continue
-        split_of[name] = split
-        sentences[name] = [s["raw"].strip() for s in entry.get("sentences", [])
-                           if isinstance(s, dict) and isinstance(s.get("raw"), str) and s["raw"].strip()]
-    return split_of, sentences
 
 
 def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = None,

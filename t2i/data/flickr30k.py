@@ -11,17 +11,23 @@ is t2i's ``dev``) when given or found in the folder, else the stable hash split 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
-from t2i.data.caption_source import CaptionSource, SkipLog, hash_split, read_token_file, require, text_lines
+from t2i.data.caption_source import (
+    CaptionSource,
+    SkipLog,
+    hash_split,
+    read_karpathy,
+    read_token_file,
+    require,
+    text_lines,
+)
 from t2i.data.dataset import DatasetError
 
 TOKEN_FILE = "results_20130124.token"
 KARPATHY_FILE = "dataset_flickr30k.json"
-KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "dev", "test": "test"}
 # The Kaggle CSV's one known malformed row lost the separator after its comment number:
 # "2199200615.jpg| 4 A dog runs across the grass ." -> number 4, then the caption.
 NUMBER_THEN_CAPTION = re.compile(r"\s*(\d+)\s+(\S.*)")
@@ -58,23 +64,6 @@ def read_results_csv(path: Path, skips: SkipLog) -> dict[str, list[str]]:
     return captions
 
 
-def read_karpathy_splits(path: Path, skips: SkipLog) -> dict[str, str]:
-    """Image file name -> t2i split from a Karpathy split file (Flickr8k/30k/COCO share it)."""
-    try:
-        images = json.loads(path.read_text(encoding="utf-8"))["images"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise DatasetError(f"{path}: not a Karpathy split file (JSON with an 'images' list): {exc}") from None
-    split_of = {}
-    for entry in images:
-        name = entry.get("filename") if isinstance(entry, dict) else None
-        split = KARPATHY_SPLITS.get(entry.get("split")) if isinstance(entry, dict) else None
-        if not name or split is None:
-            skips.add("Karpathy entry without filename or known split", str(entry)[:120])
-            continue
-        split_of[name] = split
-    return split_of
-
-
 def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = None) -> CaptionSource:
     src = Path(src)
     layout = detect_layout(src)
@@ -90,7 +79,7 @@ def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = N
         captions = read_results_csv(require(csv_path, "caption file"), skips)
     karpathy = Path(karpathy) if karpathy else (src / KARPATHY_FILE if (src / KARPATHY_FILE).is_file() else None)
     if karpathy:
-        split_of = read_karpathy_splits(require(karpathy, "Karpathy split file"), skips)
+        split_of, _ = read_karpathy(require(karpathy, "Karpathy split file"), skips)
         split_source = f"Karpathy's split ({karpathy.name})"
     else:
         split_of = {name: hash_split(name) for name in captions}
