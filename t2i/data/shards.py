@@ -156,7 +156,7 @@ def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root
                         workers: int | None) -> list[dict]:
     """The shards as Ray Data tasks (one CPU each, ``workers`` at once; default: as many as
     the cluster runs), written to ``root``, which every node must see (a shared mount).
-    Results come back in plan order."""
+    Results are returned in plan order."""
     import ray  # noqa: PLC0415 - only this path needs Ray
 
     from t2i.runtime.ray_env import quiet_ray_data, start_ray  # noqa: PLC0415
@@ -168,8 +168,10 @@ def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root
     def build(row: dict) -> dict:
         spec = json.loads(row["job"])
         job = ShardJob(spec["split"], spec["index"], tuple((n, p, tuple(c)) for n, p, c in spec["items"]))
-        return {"result": json.dumps(build_shard(job, vocab, size, root))}
+        return {"split": job.split, "index": job.index, "result": json.dumps(build_shard(job, vocab, size, root))}
 
     built = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(
         build, num_cpus=1, concurrency=workers or None)
-    return [json.loads(row["result"]) for row in built.take_all()]
+    # Tasks finish in any order (and Ray Data does not keep it by default): back to the plan's.
+    by_shard = {(row["split"], row["index"]): json.loads(row["result"]) for row in built.take_all()}
+    return [by_shard[(job.split, job.index)] for job in jobs]
