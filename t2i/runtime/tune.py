@@ -99,13 +99,17 @@ def _domain(key: str, spec: dict[str, Any]):
     return tune.uniform(low, high)
 
 
+def plain(value: Any) -> Any:
+    """A Python value for a numpy scalar (BOHB proposes them), anything else as it is."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def with_hyperparameters(base: Config, hp: dict[str, Any]) -> Config:
     """A copy of ``base`` with ``{"section.key": value}`` applied and validated."""
     cfg = config_lib.from_dict(base.to_dict())
     for key, value in hp.items():
         section, _, name = key.partition(".")
-        value = value.item() if hasattr(value, "item") else value  # BOHB proposes numpy scalars
-        config_lib.apply(cfg, {section: {name: value}})
+        config_lib.apply(cfg, {section: {name: plain(value)}})
     config_lib.validate(cfg)
     return cfg
 
@@ -281,7 +285,7 @@ def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     for result in grid:
         # A trial that failed before it started has no config: its row keeps the columns.
         proposed = (result.config or {}).get("hp") or dict.fromkeys(search.space)
-        hp = {key: value.item() if hasattr(value, "item") else value for key, value in proposed.items()}
+        hp = {key: plain(value) for key, value in proposed.items()}
         trial_id = result.metrics.get("trial_id") if result.metrics else storage.name(result.path)
         # The trial's run folder is the truth: Tune's last result misses an epoch finished
         # while the sweep was being interrupted, and a restored trial with nothing left to
@@ -308,7 +312,7 @@ def report(grid, search: SearchConfig, base: Config, root: str) -> dict:
     best_row = rows[0]
     if math.isnan(best_row[f"best_{search.metric}"]):
         raise T2IError(f"no trial of sweep {search.name} reported {search.metric}; each trial's error is in "
-                          f"{table} and its folder under {root}")
+                       f"{table} and its folder under {root}")
     best_cfg = with_hyperparameters(base, {key: best_row[key] for key in search.space})
     best_cfg.train.name = f"{search.name}-best"
     best_path = storage.join(root, "best_config.toml")

@@ -14,7 +14,8 @@ so its curves continue without duplicates.
 
 ``train.tracking = "mlflow"`` also logs the same metrics, grids and config to an MLflow
 tracking server (``MLFLOW_TRACKING_URI``, else a local SQLite store ``mlflow.db`` beside
-the runs, MLflow's own default since it retired its file store) with Ray's ``setup_mlflow``; a resumed run continues its MLflow run (id kept in ``mlflow_run.json``).
+the runs, MLflow's own default since it retired its file store) with Ray's ``setup_mlflow``;
+a resumed run continues its MLflow run (id kept in ``mlflow_run.json``).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 
 from t2i import storage
 from t2i.config import Config, ConfigError
+from t2i.training.checkpoint import SELECTION_METRIC
 
 EVENT_FILE = "events.out.tfevents.{epoch:06d}.t2i"  # "tfevents" is what TensorBoard looks for
 MLFLOW_RUN_FILE = "mlflow_run.json"
@@ -42,7 +44,7 @@ NOT_CURVES = ("epoch", "epochs_done", "lr")  # the step itself; lr comes per opt
 @dataclass(frozen=True)
 class TrackingPlan:
     """Decided on the driver: where a run's curves go besides its metrics files."""
-    kind: str = "tensorboard"   # one of TRACKERS
+    kind: str = "tensorboard"   # train.tracking: "tensorboard", "mlflow" or "none"
     experiment: str = DEFAULT_EXPERIMENT  # MLflow experiment: a sweep's name, else "t2i"
     mlflow_uri: str = ""        # resolved on the driver, so every worker node logs to the same place
     mlflow_artifacts: str = ""  # with the local store: its artifact folder (a server chooses its own)
@@ -121,6 +123,14 @@ class EpochRecord:
     grid_png: Path                  # the fixed prompts' sample grid
     final: bool                     # the run's last epoch
 
+    def scalars(self, splits: tuple[str, ...]) -> dict[str, float]:
+        """Every curve point of this epoch, by tag: the metrics, each optimizer's learning
+        rate, and the best checkpoint-ranking value so far (the same for every tracker)."""
+        values = curve_tags(self.metrics, splits)
+        values |= {f"optim/lr_{name}": lr for name, lr in self.learning_rates.items()}
+        values["selection/best"] = best_so_far(self.history, SELECTION_METRIC)
+        return values
+
 
 class TensorBoardLog:
     """One event file per epoch in the run folder (see the module's docstring)."""
@@ -137,12 +147,8 @@ class TensorBoardLog:
         with tempfile.TemporaryDirectory() as folder:
             writer = SummaryWriter(log_dir=folder)
             step = record.epoch
-            for tag, value in curve_tags(record.metrics, self.splits).items():
+            for tag, value in record.scalars(self.splits).items():
                 writer.add_scalar(tag, value, step)
-            for name, lr in record.learning_rates.items():
-                writer.add_scalar(f"optim/lr_{name}", lr, step)
-            best = best_so_far(record.history, "selection")
-            writer.add_scalar("selection/best", best, step)
             grid = np.asarray(Image.open(record.grid_png).convert("RGB"))
             writer.add_image("samples", grid, step, dataformats="HWC")
             # The HParams view: this run's config; its metric columns are the run's scalars
@@ -184,10 +190,7 @@ class MLflowLog:
                                                 "experiment": plan.experiment}))
 
     def log(self, record: EpochRecord) -> None:
-        values = curve_tags(record.metrics, self.splits)
-        values |= {f"optim/lr_{name}": lr for name, lr in record.learning_rates.items()}
-        values["selection/best"] = best_so_far(record.history, "selection")
-        self.mlflow.log_metrics(values, step=record.epoch)
+        self.mlflow.log_metrics(record.scalars(self.splits), step=record.epoch)
         with tempfile.TemporaryDirectory() as folder:
             named = Path(folder) / f"epoch_{record.epoch:03d}.png"
             named.write_bytes(record.grid_png.read_bytes())
