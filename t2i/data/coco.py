@@ -18,6 +18,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from t2i import storage
 from t2i.data.caption_source import CaptionSource, SkipLog, hash_bucket, read_karpathy
 from t2i.data.dataset import DatasetError
 
@@ -80,7 +81,7 @@ def read_annotations(path: Path, skips: SkipLog) -> dict[str, list[str]]:
 
 def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = None,
                 year: str | None = None) -> CaptionSource:
-    src = Path(src)
+    src = storage.as_path(src)
     year = detect_year(src, year, karpathy is not None)
     image_dirs = tuple(src / f"{part}{year}" for part in ("train", "val") if (src / f"{part}{year}").is_dir())
     if not image_dirs:
@@ -94,7 +95,7 @@ def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = N
         for name, caps in read_annotations(path, skips).items():
             captions[name] = caps
             default_split[name] = ("dev" if hash_bucket(name, DEV_ONE_IN) == 0 else "train") if part == "train" else "test"
-    karpathy = Path(karpathy) if karpathy else (src / KARPATHY_FILE if (src / KARPATHY_FILE).is_file() else None)
+    karpathy = storage.as_path(karpathy) if karpathy else (src / KARPATHY_FILE if (src / KARPATHY_FILE).is_file() else None)
     if karpathy:
         if not karpathy.is_file():
             raise DatasetError(f"Karpathy split file not found: {karpathy}")

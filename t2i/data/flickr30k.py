@@ -15,6 +15,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from t2i import storage
 from t2i.data.caption_source import (
     CaptionSource,
     SkipLog,
@@ -65,7 +66,7 @@ def read_results_csv(path: Path, skips: SkipLog) -> dict[str, list[str]]:
 
 
 def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = None) -> CaptionSource:
-    src = Path(src)
+    src = storage.as_path(src)
     layout = detect_layout(src)
     if layout == "original":
         image_dir = require(src / "flickr30k-images", "image folder")
@@ -77,7 +78,7 @@ def read_source(src: str | Path, skips: SkipLog, karpathy: str | Path | None = N
         csv_path = next((p for p in (src / "results.csv", src / "flickr30k_images" / "results.csv") if p.is_file()),
                         src / "results.csv")
         captions = read_results_csv(require(csv_path, "caption file"), skips)
-    karpathy = Path(karpathy) if karpathy else (src / KARPATHY_FILE if (src / KARPATHY_FILE).is_file() else None)
+    karpathy = storage.as_path(karpathy) if karpathy else (src / KARPATHY_FILE if (src / KARPATHY_FILE).is_file() else None)
     if karpathy:
         split_of, _ = read_karpathy(require(karpathy, "Karpathy split file"), skips)
         split_source = f"Karpathy's split ({karpathy.name})"

@@ -15,6 +15,7 @@ import io
 from collections import defaultdict
 from pathlib import Path
 
+from t2i import storage
 from t2i.data.caption_source import (
     SPLITS,
     CaptionSource,
@@ -66,7 +67,7 @@ def _read_kaggle_csv(path: Path, skips: SkipLog) -> dict[str, list[str]]:
 
 
 def read_source(src: str | Path, skips: SkipLog) -> CaptionSource:
-    src = Path(src)
+    src = storage.as_path(src)
     layout = detect_layout(src)
     if layout == "original":
         image_dir = require(src / "Flicker8k_Dataset", "image folder")

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +32,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from t2i import storage
 from t2i.console import progress
 from t2i.data import coco, flickr8k, flickr30k, shapes
 from t2i.data.caption_source import SPLITS, CaptionSource, SkipLog
@@ -71,10 +73,11 @@ COCO_PROMPTS = (
 )
 
 
-def is_t2i_dataset(folder: Path) -> bool:
-    """True when ``folder`` holds a manifest that t2i's ``prepare`` wrote."""
+def is_t2i_dataset(folder: str | Path) -> bool:
+    """True when ``folder`` (or URI) holds a manifest that t2i's ``prepare`` wrote."""
     try:
-        return json.loads((folder / "manifest.json").read_text()).get("format", "").startswith("t2i-prepared/")
+        manifest = json.loads(storage.read_text(storage.join(folder, "manifest.json")))
+        return manifest.get("format", "").startswith("t2i-prepared/")
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -92,7 +95,46 @@ def check_replaceable(out: Path, overwrite: bool) -> None:
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+def staged_output(out: str | Path, overwrite: bool) -> Iterator[str | Path]:
+    """Where to write a dataset that appears at ``out`` only once complete: a staging
+    folder renamed into place, or, for a URI, a staging prefix copied into place."""
+    if storage.is_node_local(out):
+        with staged_folder(Path(str(out).removeprefix("file://")), overwrite) as root:
+            yield root
+    else:
+        with staged_prefix(str(out).rstrip("/"), overwrite) as root:
+            yield root
+
+
+@contextmanager
+def staged_prefix(out: str, overwrite: bool) -> Iterator[str]:
+    """An object store has no rename: the dataset is written under a sibling prefix
+    ``.<name>.partial-<id>`` and copied into ``out`` (server-side) once complete. The old
+    dataset's manifest goes first and the new one comes last, so a reader finds either no
+    dataset or a whole one, and the old copy is only removed once the new one is whole."""
+    if storage.list_names(out):
+        if not overwrite:
+            raise DatasetError(f"output already exists: {out} (pass --overwrite to replace it)")
+        if not is_t2i_dataset(out):
+            raise DatasetError(f"refusing to overwrite {out}: it is not a t2i dataset (no manifest.json with format "
+                               f"{FORMAT!r}); choose a new --out or remove it yourself")
+    staging = storage.join(storage.parent(out), f".{storage.name(out)}.partial-{uuid.uuid4().hex[:12]}")
+    try:
+        yield staging
+        files = storage.list_files(staging)
+        storage.delete(storage.join(out, "manifest.json"))
+        for rel in files:
+            if rel != "manifest.json":
+                storage.copy_within(storage.join(staging, rel), storage.join(out, rel))
+        for rel in set(storage.list_files(out)) - set(files):  # the old dataset's other files
+            storage.delete(storage.join(out, rel))
+        storage.copy_within(storage.join(staging, "manifest.json"), storage.join(out, "manifest.json"))
+    finally:
+        storage.delete(staging)
+
+
+@contextmanager
+def staged_folder(out: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a private temp folder that becomes ``out`` only if the body finishes.
 
     Two processes preparing the same ``out`` at once (two jobs that both found the built-in
@@ -128,17 +170,19 @@ def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
             raise DatasetError(f"{out} appeared while preparing and is not a t2i dataset; nothing was replaced") from None
 
 
-def write_vocab(vocab: Vocabulary, root: Path) -> None:
+def write_vocab(vocab: Vocabulary, root: str | Path) -> None:
     table = pa.table({
         "word": pa.array(vocab.words, pa.string()),
         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vocab.vectors.reshape(-1)), vocab.dim),
     })
-    pq.write_table(table, root / "vocab.parquet")
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    storage.write_bytes(storage.join(root, "vocab.parquet"), buffer.getvalue().to_pybytes())
 
 
-def write_manifest(root: Path, **fields) -> dict:
+def write_manifest(root: str | Path, **fields) -> dict:
     manifest = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    storage.write_text(storage.join(root, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -211,10 +255,11 @@ def prepare_photos(source: CaptionSource, skips: SkipLog, dataset: str, src: str
 
     vocab = vocabulary_for((c for caps in chosen.values() for c in caps), settings.glove)
     jobs = plan_shards(chosen, source.split_of, files, settings.shard_rows)
-    with staged_output(Path(out), settings.overwrite) as root:
+    with staged_output(out, settings.overwrite) as root:
         write_vocab(vocab, root)
         if settings.on_ray:
-            results = build_shards_on_ray(jobs, vocab, settings.size, root, settings.workers)
+            sources = tuple(str(d) for d in source.image_dirs)
+            results = build_shards_on_ray(jobs, vocab, settings.size, root, settings.workers, sources)
         else:
             with ProcessPoolExecutor(settings.workers or os.cpu_count()) as pool:
                 built = pool.map(build_shard, jobs, repeat(vocab), repeat(settings.size), repeat(root))
@@ -228,7 +273,7 @@ def prepare_photos(source: CaptionSource, skips: SkipLog, dataset: str, src: str
             if result["shard"]:
                 summary["shards"].append(result["shard"])
         return write_manifest(
-            root, dataset=dataset, source=str(Path(src).resolve()), layout=source.layout,
+            root, dataset=dataset, source=storage.absolute(src), layout=source.layout,
             split_source=source.split_source, image_size=settings.size, max_words=MAX_WORDS,
             embedding={"source": describe_source(settings.glove), "dim": vocab.dim},
             vocabulary={"file": "vocab.parquet", "size": len(vocab)},
@@ -253,7 +298,7 @@ def prepare_shapes(out: str | Path, n: int = 20000, seed: int = 0, glove: str | 
     skips = SkipLog()
     vocab = load_glove(glove, shapes.vocabulary_words())
     row_schema = schema(vocab.dim, MAX_WORDS, with_shapes=True)
-    with staged_output(Path(out), overwrite) as root:
+    with staged_output(out, overwrite) as root:
         write_vocab(vocab, root)
         writers = {s: ShardWriter(root, s, row_schema, shard_rows) for s in ("train", "dev", "test", "novel")}
         for split, row in progress(_shape_rows(n, seed, vocab, skips), "prepare shapes", total=n, unit="img"):

@@ -8,6 +8,8 @@ them (local processes or Ray), so both paths write the same bytes.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ from PIL import Image, ImageOps
 
 from t2i import storage
 from t2i.data.caption_source import SPLITS, SkipLog
+from t2i.data.dataset import DatasetError
 from t2i.data.text import UnknownCaptionError, Vocabulary
 
 MAX_WORDS = 32
@@ -40,9 +43,10 @@ def schema(dim: int, max_words: int, with_shapes: bool) -> pa.Schema:
 
 
 class ShardWriter:
-    """Buffers rows and writes ``<split>/part-NNNNN.parquet`` every ``shard_rows`` rows."""
+    """Buffers rows and writes ``<split>/part-NNNNN.parquet`` every ``shard_rows`` rows
+    under ``root`` (a folder or a URI such as ``s3://bucket/prefix``)."""
 
-    def __init__(self, root: Path, split: str, schema: pa.Schema, shard_rows: int, first_index: int = 0):
+    def __init__(self, root: str | Path, split: str, schema: pa.Schema, shard_rows: int, first_index: int = 0):
         self.root, self.split, self.schema, self.shard_rows = root, split, schema, shard_rows
         self.first_index = first_index  # a shard built alone keeps its place in the split's numbering
         self.rows: list[dict] = []
@@ -60,13 +64,14 @@ class ShardWriter:
         if not self.rows:
             return
         rel = f"{self.split}/part-{self.first_index + len(self.shards):05d}.parquet"
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
+        buffer = io.BytesIO()
         # Images are raw bytes that compress poorly with zstd level 1 but cost little to try.
-        pq.write_table(table, path, compression="zstd", compression_level=1)
-        self.shards.append({"file": rel, "rows": len(self.rows), "bytes": path.stat().st_size,
-                            "sha256": storage.sha256(path)})
+        pq.write_table(table, buffer, compression="zstd", compression_level=1)
+        data = buffer.getvalue()
+        storage.write_bytes(storage.join(str(self.root), rel), data)  # whole or not at all, on disk or in a store
+        self.shards.append({"file": rel, "rows": len(self.rows), "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
         self.rows = []
 
     def summary(self) -> dict:
@@ -89,10 +94,12 @@ def encode_captions(captions: list[str], vocab: Vocabulary, image_id: str, skips
     return kept, means, ids
 
 
-def load_image(path: Path, size: int) -> bytes:
-    """Decode, centre-crop to square and resize to ``size``; raises on a corrupt file or one
-    that would decode to more than ``MAX_DECODED_PIXELS`` (a decompression bomb)."""
-    with Image.open(path) as img:
+def load_image(location: str | Path, size: int) -> bytes:
+    """Decode, centre-crop to square and resize to ``size`` (a file or a URI such as
+    ``s3://bucket/flickr30k/flickr30k-images/1000092795.jpg``); raises on a corrupt file or
+    one that would decode to more than ``MAX_DECODED_PIXELS`` (a decompression bomb)."""
+    source = io.BytesIO(storage.read_bytes(location)) if storage.is_uri(location) else location
+    with Image.open(source) as img:
         img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos at 1/2..1/8 size
         if img.width * img.height > MAX_DECODED_PIXELS:
             raise ValueError(f"{img.width}x{img.height} pixels to decode, over the "
@@ -105,9 +112,9 @@ def load_image(path: Path, size: int) -> bytes:
 def _load_image_task(args: tuple[str, int]) -> tuple[bytes | None, str]:
     path, size = args
     try:
-        return load_image(Path(path), size), ""
+        return load_image(path, size), ""
     except Exception as exc:  # noqa: BLE001 - any decode failure means: skip and count
-        return None, f"{Path(path).name}: {type(exc).__name__}: {exc}"
+        return None, f"{storage.name(path)}: {type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -118,7 +125,7 @@ class ShardJob:
     items: tuple[tuple[str, str, tuple[str, ...]], ...]  # (image_id, image file, captions)
 
 
-def plan_shards(chosen: dict[str, list[str]], split_of: dict[str, str], files: dict[str, Path],
+def plan_shards(chosen: dict[str, list[str]], split_of: dict[str, str], files: dict[str, Path | storage.UriPath],
                 shard_rows: int) -> list[ShardJob]:
     """Candidate images in name order, ``shard_rows`` to a shard, per split: the same plan
     whichever path builds it (a shard with skipped images holds fewer rows)."""
@@ -131,11 +138,11 @@ def plan_shards(chosen: dict[str, list[str]], split_of: dict[str, str], files: d
     return jobs
 
 
-def build_shard(job: ShardJob, vocab: Vocabulary, size: int, root: Path) -> dict:
+def build_shard(job: ShardJob, vocab: Vocabulary, size: int, root: str | Path) -> dict:
     """Decode, resize and embed one shard's images and write it; memory is one shard's rows.
     Returns its manifest entry (None when every image was skipped), counts and skips."""
     skips = SkipLog()
-    writer = ShardWriter(Path(root), job.split, schema(vocab.dim, MAX_WORDS, with_shapes=False), len(job.items) or 1,
+    writer = ShardWriter(root, job.split, schema(vocab.dim, MAX_WORDS, with_shapes=False), len(job.items) or 1,
                          first_index=job.index)
     for name, path, captions in job.items:
         pixels, error = _load_image_task((path, size))
@@ -152,17 +159,22 @@ def build_shard(job: ShardJob, vocab: Vocabulary, size: int, root: Path) -> dict
             "captions": summary["captions"], "skipped": skips.to_dict()}
 
 
-def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root: Path,
-                        workers: int | None) -> list[dict]:
+def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root: str | Path,
+                        workers: int | None, sources: tuple[str, ...] = ()) -> list[dict]:
     """The shards as Ray Data tasks (one CPU each, ``workers`` at once; default: as many as
-    the cluster runs), written to ``root``, which every node must see (a shared mount).
-    Results are returned in plan order."""
+    the cluster runs), reading images from ``sources`` and writing to ``root``, which every
+    node must see (a URI or a shared mount). Results are returned in plan order."""
     import ray  # noqa: PLC0415 - only this path needs Ray
 
     from t2i.runtime.ray_env import quiet_ray_data, start_ray  # noqa: PLC0415
 
     start_ray()
     quiet_ray_data()
+    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+    for what, location in [("--out", str(root)), *(("--src", s) for s in sources)]:
+        problem = storage.node_local_problem(location, what, hosts, storage.mount_fs_type(location))
+        if problem:
+            raise DatasetError(problem.split(" If this path is shared")[0])
     items = [{"job": json.dumps({"split": j.split, "index": j.index, "items": j.items})} for j in jobs]
 
     def build(row: dict) -> dict:
@@ -171,7 +183,7 @@ def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root
         return {"split": job.split, "index": job.index, "result": json.dumps(build_shard(job, vocab, size, root))}
 
     built = ray.data.from_items(items, override_num_blocks=max(1, len(items))).map(
-        build, num_cpus=1, concurrency=workers or None)
+        build, num_cpus=1, compute=ray.data.TaskPoolStrategy(size=workers or None))
     # Tasks finish in any order (and Ray Data does not keep it by default): back to the plan's.
     by_shard = {(row["split"], row["index"]): json.loads(row["result"]) for row in built.take_all()}
     return [by_shard[(job.split, job.index)] for job in jobs]

@@ -172,3 +172,48 @@ def test_ray_data_and_local_processes_write_the_same_shards_and_manifest(tmp_pat
     for shard in shards:
         assert (tmp_path / "local" / shard["file"]).read_bytes() == (tmp_path / "ray" / shard["file"]).read_bytes()
     assert skipped(on_ray, "unreadable image") == 1 and load_manifest(tmp_path / "ray")["dataset"] == "flickr30k"
+
+
+def test_prepare_reads_and_writes_an_object_store(tmp_path, s3_server, monkeypatch):
+    """``--src s3://...`` and ``--out s3://...`` (an S3 API on 127.0.0.1): the same shards
+    and manifest as from a folder; the dataset appears only once complete, an interrupted
+    overwrite keeps the old copy, and a finished one leaves none of the old files."""
+    import pyarrow.fs as pafs
+
+    from t2i import storage
+    from t2i.data import prepare as prepare_module
+
+    src = flickr30k_kaggle(tmp_path / "src")
+    s3, _ = pafs.FileSystem.from_uri("s3://t2i-test")
+    pafs.copy_files(str(src), "t2i-test/raw/f30k", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3)
+    local = prepare_flickr30k(src, tmp_path / "local", SETTINGS)
+    out = "s3://t2i-test/prepared/f30k"
+    remote = prepare_flickr30k("s3://t2i-test/raw/f30k", out, SETTINGS)
+    same = lambda m: {k: v for k, v in m.items() if k not in ("created", "source")}  # noqa: E731
+    assert same(remote) == same(local) and remote["source"] == "s3://t2i-test/raw/f30k"
+    for shard in [s for split in local["splits"].values() for s in split["shards"]]:
+        assert storage.read_bytes(f"{out}/{shard['file']}") == (tmp_path / "local" / shard["file"]).read_bytes()
+    assert load_manifest(out)["splits"]["train"]["images"] == local["splits"]["train"]["images"]
+    assert storage.list_names("s3://t2i-test/prepared") == ["f30k"]  # the staging prefix is gone
+
+    with pytest.raises(DatasetError, match="already exists"):
+        prepare_flickr30k("s3://t2i-test/raw/f30k", out, SETTINGS)
+
+    def fail(*args, **kwargs):
+        raise OSError("connection reset while writing the manifest")
+    monkeypatch.setattr(prepare_module, "write_manifest", fail)  # every shard staged, then the connection drops
+    overwrite = ImageSettings(size=16, shard_rows=1, workers=1, overwrite=True)
+    with pytest.raises(OSError, match="connection reset"):
+        prepare_flickr30k("s3://t2i-test/raw/f30k", out, overwrite)
+    assert storage.list_names("s3://t2i-test/prepared") == ["f30k"] and load_manifest(out)["created"] == remote["created"]
+    monkeypatch.undo()
+    for key, value in s3_server.items():
+        monkeypatch.setenv(key, value)
+    again = prepare_flickr30k("s3://t2i-test/raw/f30k", out, overwrite)
+    files = {s["file"] for split in again["splits"].values() for s in split["shards"]}
+    assert set(storage.list_files(out)) == files | {"manifest.json", "vocab.parquet"}  # shard_rows 3 -> 1: none left
+    assert load_manifest(out)["splits"]["train"]["images"] == local["splits"]["train"]["images"]
+
+    assert cli_main(["prepare", "flickr30k", "--src", "s3://t2i-test/raw/nothing", "--out", "s3://t2i-test/x"]) == 2
+    assert storage.list_names("s3://t2i-test/x") == []
+

@@ -294,25 +294,6 @@ def test_training_refuses_a_local_disk_on_a_multi_host_cluster(monkeypatch, tmp_
     check_cluster_storage(cfg, {"train.storage_path": str(tmp_path)})
 
 
-@pytest.fixture
-def s3_server(monkeypatch):
-    """An S3 API on 127.0.0.1 (moto): the real pyarrow S3 client, no cloud account."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    import boto3
-
-    boto3.client("s3").create_bucket(Bucket="t2i-test")
-    yield env
-    server.stop()
-
-
 def test_train_and_generate_with_data_and_runs_in_s3(s3_server, shapes_dir, tmp_path):
     import pyarrow.fs as pafs
 
