@@ -1,9 +1,16 @@
 """Prepare throughput and memory: real Flickr8k (local processes, and Ray Data tasks with 1
-and 2 workers), and shapes at 1x and 10x images.
+and 2 workers), Flickr8k at 1x and 10x its images, and shapes at 1x and 10x images.
 
 Each preparation runs in a fresh Python process so its peak RSS is its own (Ray's start is
 outside the timed part). Prints one line per run, the Ray Data speed-up of 2 workers over 1,
-and the shapes RSS ratio (10x / 1x; streaming goal <= 1.2).
+and the 10x / 1x ratios: time (goal: linear, ~10), peak RSS of a decoding process (goal:
+flat, <= 1.1) and of the main process (it holds every caption until the manifest is
+written, so it grows with the captions), and the shapes RSS ratio (goal <= 1.2).
+
+Flickr8k 10x is the real download repeated by reference: a Kaggle-layout folder whose
+``Images/`` holds ten symbolic links per photo (``r0-NAME.jpg`` .. ``r9-NAME.jpg``) and
+whose ``captions.txt`` repeats each photo's captions under each link's name; 1x is the
+same with one link (both split by the name hash, so the splits are ~80/10/10 of each).
 
     python benchmarks/bench_prepare.py [--flickr8k ../shared/data/flickr8k] [--shapes-n 20000]
 """
@@ -48,6 +55,38 @@ def run(kind: str, arg: str, out: Path) -> dict:
     return result
 
 
+def repeated_flickr8k(src: str, out: Path, times: int) -> Path:
+    """Flickr8k ``times`` over by reference (see the module docstring)."""
+    sys.path.insert(0, str(REPO))
+    from t2i.data import flickr8k  # noqa: PLC0415
+    from t2i.data.caption_source import SkipLog  # noqa: PLC0415
+
+    source = flickr8k.read_source(src, SkipLog())
+    (out / "Images").mkdir(parents=True)
+    lines = ["image,caption"]
+    for name, captions in sorted(source.captions.items()):
+        photo = source.image_dirs[0] / name
+        if not photo.is_file():
+            continue
+        for k in range(times):
+            (out / "Images" / f"r{k}-{name}").symlink_to(photo.resolve())
+            lines += [f'r{k}-{name},"{c.replace(chr(34), chr(39))}"' for c in captions]
+    (out / "captions.txt").write_text("\n".join(lines) + "\n")
+    return out
+
+
+def scaling(src: str, tmp: Path) -> None:
+    one = run("flickr8k", str(repeated_flickr8k(src, tmp / "f8k-x1-src", 1)), tmp / "f8k-x1")
+    ten = run("flickr8k", str(repeated_flickr8k(src, tmp / "f8k-x10-src", 10)), tmp / "f8k-x10")
+    for label, r in (("1x", one), ("10x", ten)):
+        print(f"flickr8k {label} (by reference): {r['images']} images in {r['seconds']:.1f} s = "
+              f"{r['images_per_s']:.0f} images/s; peak RSS main {r['peak_rss_mb']:.0f} MB, "
+              f"decoding process {r['peak_worker_rss_mb']:.0f} MB")
+    print(f"flickr8k 10x/1x: time {ten['seconds'] / one['seconds']:.2f} (linear: 10), "
+          f"decoding process RSS {ten['peak_worker_rss_mb'] / one['peak_worker_rss_mb']:.3f} (goal <= 1.1), "
+          f"main RSS {ten['peak_rss_mb'] / one['peak_rss_mb']:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flickr8k", default=str(REPO.parent / "shared" / "data" / "flickr8k"))
@@ -64,6 +103,7 @@ def main() -> None:
                 print(f"flickr8k on Ray Data, {n} worker(s): {r['images']} images in {r['seconds']:.1f} s = "
                       f"{r['images_per_s']:.0f} images/s")
             print(f"Ray Data 2 workers / 1 worker = {on_ray[2]['images_per_s'] / on_ray[1]['images_per_s']:.2f}x")
+            scaling(args.flickr8k, tmp)
         else:
             print(f"flickr8k: skipped, {args.flickr8k} not found")
         small = run("shapes", str(args.shapes_n), tmp / "s1")
