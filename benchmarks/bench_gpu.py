@@ -98,7 +98,9 @@ class GpuUtilisation:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-def bench_family(config_file: Path, root: Path, device: torch.device, batch: int, epochs: int) -> dict:
+def bench_family(config_file: Path, root: Path, device: torch.device, batch: int, epochs: int,
+                 max_steps: int | None = None) -> dict:
+    """``epochs`` timed epochs (at most ``max_steps`` steps each) of the config's training step."""
     cfg = config_lib.load(config_file, [f"data.path={root}", f"data.batch_size={batch}"])
     manifest = load_manifest(root)
     vocab = load_vocabulary(root)
@@ -137,6 +139,8 @@ def bench_family(config_file: Path, root: Path, device: torch.device, batch: int
             for batch_dict in cache.epoch_batches(batch, 0, epoch + 1, 0):
                 step(batch_dict, (epoch + 1) + steps * batch / len(cache))
                 steps += 1
+                if steps == max_steps:
+                    break
             sync(device)
             epoch_s.append(time.perf_counter() - started)
             images_seen += steps * batch

@@ -22,9 +22,14 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_train import process_tree
+
 CHILD = r"""
 import json, resource, sys, time
 from t2i.data import prepare
@@ -42,16 +47,35 @@ else:
 seconds = time.perf_counter() - t0
 images = sum(s["images"] for s in m["splits"].values())
 print(json.dumps({"images": images, "seconds": seconds,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  "peak_worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
+def peak_rss_mb(pid: int) -> float:
+    """A process's peak RSS so far (VmHWM), 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    return next((int(line.split()[1]) / 1024 for line in status.splitlines() if line.startswith("VmHWM:")), 0.0)
+
+
 def run(kind: str, arg: str, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, kind, arg, str(out)], cwd=REPO,
-                          capture_output=True, text=True, check=True)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    """One preparation in a fresh process; its decoding processes (forked from a forkserver,
+    so not the main process's children) are watched every 0.1 s for their peak RSS."""
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, kind, arg, str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker_peak = 0.0
+    while proc.poll() is None:
+        for pid in process_tree(proc.pid) - {proc.pid}:
+            worker_peak = max(worker_peak, peak_rss_mb(pid))
+        time.sleep(0.1)
+    stdout = proc.stdout.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"prepare {kind} failed ({proc.returncode})")
+    result = json.loads(stdout.strip().splitlines()[-1])
     result["images_per_s"] = result["images"] / result["seconds"]
+    result["peak_worker_rss_mb"] = worker_peak
     return result
 
 

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from t2i import storage
 from t2i.data.text import Vocabulary
 from t2i.errors import T2IError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "t2i-prepared/1"
 
@@ -137,4 +140,5 @@ def sample_caption_rows(root: str | Path, manifest: dict, split: str, k: int, se
 
 def to_float(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1]."""
+    import torch  # noqa: PLC0415 - prepare's decoding processes read this module and need no torch
     return torch.as_tensor(images_uint8).permute(0, 3, 1, 2).float().div(255.0)

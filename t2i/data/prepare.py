@@ -17,6 +17,7 @@ when complete.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -45,6 +46,7 @@ from t2i.data.shards import (
     encode_captions,
     plan_shards,
     schema,
+    use_environment,
 )
 from t2i.data.text import Vocabulary, describe_source, load_glove, vocabulary_for
 
@@ -202,6 +204,16 @@ class ImageSettings:
                                "(t2i trains at 64)")
 
 
+def decoding_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes forked from a fresh server that imported only the shard code (no torch), not
+    from this process: their memory is one shard's, not a copy of every caption held here.
+    They see this process's environment as it is now (e.g. the store's credentials)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["t2i.data.shards"])
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=use_environment,
+                               initargs=(dict(os.environ),))
+
+
 def prepare_flickr8k(src: str | Path, out: str | Path, size: int = 64, glove: str | None = None,
                      shard_rows: int = 1000, overwrite: bool = False, workers: int | None = None,
                      on_ray: bool = False) -> dict:
@@ -261,7 +273,7 @@ def prepare_photos(source: CaptionSource, skips: SkipLog, dataset: str, src: str
             sources = tuple(str(d) for d in source.image_dirs)
             results = build_shards_on_ray(jobs, vocab, settings.size, root, settings.workers, sources)
         else:
-            with ProcessPoolExecutor(settings.workers or os.cpu_count()) as pool:
+            with decoding_pool(settings.workers or os.cpu_count()) as pool:
                 built = pool.map(build_shard, jobs, repeat(vocab), repeat(settings.size), repeat(root))
                 results = list(progress(built, "prepare", total=len(jobs), unit="shard"))
         splits = {split: {"images": 0, "captions": 0, "shards": []} for split in SPLITS}

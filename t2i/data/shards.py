@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from t2i.data.dataset import DatasetError
 from t2i.data.text import UnknownCaptionError, Vocabulary
 
 MAX_WORDS = 32
-MAX_DECODED_PIXELS = 40_000_000  # ~120 MB of RGB per decoding process
+MAX_DECODED_PIXELS = 40_000_000  # ~120 MB of RGB per decoding process; T2I_MAX_DECODED_PIXELS changes it
 
 
 def schema(dim: int, max_words: int, with_shapes: bool) -> pa.Schema:
@@ -101,9 +102,10 @@ def load_image(location: str | Path, size: int) -> bytes:
     source = io.BytesIO(storage.read_bytes(location)) if storage.is_uri(location) else location
     with Image.open(source) as img:
         img.draft("RGB", (size * 2, size * 2))  # JPEG DCT scaling: decodes big photos at 1/2..1/8 size
-        if img.width * img.height > MAX_DECODED_PIXELS:
+        limit = int(os.environ.get("T2I_MAX_DECODED_PIXELS", MAX_DECODED_PIXELS))
+        if img.width * img.height > limit:
             raise ValueError(f"{img.width}x{img.height} pixels to decode, over the "
-                             f"{MAX_DECODED_PIXELS / 1e6:.0f}-megapixel limit")
+                             f"{limit / 1e6:g}-megapixel limit")
         img = img.convert("RGB")
         img = ImageOps.fit(img, (size, size), Image.Resampling.LANCZOS)
     return np.asarray(img, dtype=np.uint8).tobytes()
@@ -115,6 +117,12 @@ def _load_image_task(args: tuple[str, int]) -> tuple[bytes | None, str]:
         return load_image(path, size), ""
     except Exception as exc:  # noqa: BLE001 - any decode failure means: skip and count
         return None, f"{storage.name(path)}: {type(exc).__name__}: {exc}"
+
+
+def use_environment(environment: dict[str, str]) -> None:
+    """A decoding process's start: the environment of the ``prepare`` that asked for it."""
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @dataclass(frozen=True)

@@ -222,9 +222,7 @@ def test_out_under_a_file_and_a_malformed_glove_are_one_line(tmp_path):
 
 
 def test_a_decompression_bomb_is_skipped_not_decoded(tmp_path, monkeypatch):
-    from t2i.data import shards
-
-    monkeypatch.setattr(shards, "MAX_DECODED_PIXELS", 100 * 100)  # stands in for 40 MP
+    monkeypatch.setenv("T2I_MAX_DECODED_PIXELS", str(100 * 100))  # stands in for 40 MP
     formats = ("PNG", "BMP")
     src = kaggle_with(tmp_path / "src", kaggle_csv(formats).encode(), formats)
     Image.new("RGB", (400, 300)).save(src / "Images" / "img1.bmp")  # 120,000 pixels
