@@ -5,13 +5,18 @@ Flickr8k's train split is repeated by reference (hard links, no extra disk) ``--
 (~12 MB), the worker streams at 1x too, so both sizes take the same path. All in one run:
 
 1. Memory: peak PSS of the Ray Train worker process and of the whole job (driver and every
-   Ray process), sampled every 0.5 s through one epoch of train_job.py with a tiny model (the
-   feed sets the pace, the worst case for its buffers), 100x / 1x (goal <= 1.1).
+   Ray process), sampled every 0.5 s while train_job.py trains a tiny model (the feed sets
+   the pace, the worst case for its buffers): through the whole 1x epoch, and through the
+   first ``--window`` seconds of the 100x epoch (on 2 cores a 100x epoch streams ~160
+   images/s: an hour), then Ctrl-C. Printed: 100x / 1x (goal <= 1.1), and the 100x job's
+   peak in the second half of its window / the first half (memory that grows with the data
+   read would show here).
 2. Feed headroom: images/s of the streamed feed alone (Ray Data read + caption draw,
-   consumed by nothing, batch 64) over one 100x epoch / training images/s of the Flickr
-   configs' steps on this CPU (bench_gpu's step, their own batch sizes; goal >= 5).
+   consumed by nothing, batch 64) over the first ``--feed-batches`` batches of the 100x
+   epoch / training images/s of the Flickr configs' steps on this CPU (bench_gpu's step,
+   their own batch sizes; goal >= 5).
 
-    python benchmarks/bench_stream.py [--data data/f8k] [--times 100]
+    python benchmarks/bench_stream.py [--data data/f8k] [--times 100] [--window 300]
 
 ``--data`` is a prepared Flickr8k (default ``data/f8k``, prepared from
 ../shared/data/flickr8k when absent; the gan configs' alignment encoder is cached there).
@@ -23,7 +28,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +52,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "data" / "f8k"))
     parser.add_argument("--flickr8k", default=str(REPO.parent / "shared" / "data" / "flickr8k"))
     parser.add_argument("--times", type=int, default=100)
+    parser.add_argument("--window", type=float, default=300, help="seconds of the 100x epoch to sample")
+    parser.add_argument("--feed-batches", type=int, default=2000, help="batches of the 100x feed to time")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per config")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
@@ -64,20 +70,22 @@ def main() -> None:
               f"{shard_mb:.1f} MB, data.cache_mb=1: streamed", flush=True)
 
         memory = {}
-        for label, data in (("1x", root), ("big", big)):
-            started = time.perf_counter()
-            memory[label] = peak_job_pss_mb(data, tmp / f"runs-{label}", TINY)
-            memory[label]["seconds"] = time.perf_counter() - started
-            print(f"memory {label}: one epoch in {memory[label]['seconds']:.0f} s; peak PSS train worker "
-                  f"{memory[label]['train_worker']:.0f} MB, whole job {memory[label]['job']:.0f} MB", flush=True)
+        for label, data, window in (("1x", root, None), ("big", big, args.window)):
+            memory[label] = peak_job_pss_mb(data, tmp / f"runs-{label}", TINY, window)
+            print(f"memory {label}: {memory[label]['sampled_s']:.0f} s sampled; peak PSS train worker "
+                  f"{memory[label]['train_worker']:.0f} MB, whole job {memory[label]['job']:.0f} MB (first half "
+                  f"{memory[label]['job_first_half']:.0f}, second half {memory[label]['job_second_half']:.0f})",
+                  flush=True)
         worker_ratio = memory["big"]["train_worker"] / memory["1x"]["train_worker"]
         job_ratio = memory["big"]["job"] / memory["1x"]["job"]
-        print(f"memory {args.times}x/1x: train worker {worker_ratio:.3f}, whole job {job_ratio:.3f} (goal <= 1.1)")
+        growth = memory["big"]["job_second_half"] / memory["big"]["job_first_half"]
+        print(f"memory {args.times}x/1x: train worker {worker_ratio:.3f}, whole job {job_ratio:.3f} (goal <= 1.1); "
+              f"{args.times}x second half / first half {growth:.3f}")
 
         feed_cfg = config_lib.load(None, [f"data.batch_size={FEED_BATCH}"])
         started = time.perf_counter()
-        feed_images_per_s = feed_batches_per_s(feed_cfg, big, epochs=1) * FEED_BATCH
-        print(f"feed alone over {args.times}x: {feed_images_per_s:,.0f} images/s "
+        feed_images_per_s = feed_batches_per_s(feed_cfg, big, epochs=1, max_batches=args.feed_batches) * FEED_BATCH
+        print(f"feed alone, first {args.feed_batches} batches of {args.times}x: {feed_images_per_s:,.0f} images/s "
               f"({time.perf_counter() - started:.0f} s)", flush=True)
         torch.set_num_threads(2)
         steps = []
@@ -89,7 +97,7 @@ def main() -> None:
             print(f"{name}: training {step['images_per_s']:.1f} images/s (batch {batch}); feed / training = "
                   f"{steps[-1]['feed_headroom']:.0f}x (goal >= 5)", flush=True)
     result = {"times": args.times, "train_images": images, "shard_mb": shard_mb, "memory": memory,
-              "memory_ratio_train_worker": worker_ratio, "memory_ratio_job": job_ratio,
+              "memory_ratio_train_worker": worker_ratio, "memory_ratio_job": job_ratio, "memory_growth": growth,
               "feed_images_per_s": feed_images_per_s, "steps": steps}
     print(json.dumps(result))
     if args.out:

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -117,8 +118,9 @@ def ray_run(config_path: str, root: Path, runs: Path, name: str, *overrides: str
             "data_mode": summary["data_mode"]}
 
 
-def feed_batches_per_s(cfg, root: Path, epochs: int = 3) -> float:
-    """The streamed feed alone, as a worker consumes it (steady: epochs after the first)."""
+def feed_batches_per_s(cfg, root: Path, epochs: int = 3, max_batches: int | None = None) -> float:
+    """The streamed feed alone, as a worker consumes it (steady: epochs after the first; one
+    epoch of at most ``max_batches``: that epoch)."""
     import ray  # noqa: PLC0415
 
     from t2i.runtime.ray_env import data_cpu_budget, start_ray  # noqa: PLC0415
@@ -136,6 +138,8 @@ def feed_batches_per_s(cfg, root: Path, epochs: int = 3) -> float:
         for batch in feed.train_batches(epoch):
             to_model_inputs(batch, "cpu")
             n += 1
+            if n == max_batches:
+                break
         rates.append(n / (time.perf_counter() - started))
     ray.shutdown()
     steady = rates[1:] or rates  # one epoch: a big set's first epoch is mostly steady
@@ -194,23 +198,40 @@ def tree_pss(root_pid: int) -> dict[int, tuple[int, str]]:
     return found
 
 
-def peak_job_pss_mb(data: Path, storage_dir: Path, overrides: list[str], config: str | None = None) -> dict:
-    """Run one epoch of train_job.py and sample the PSS of its whole process tree: peak MB of
-    the job (driver + every Ray process) and of its Ray Train worker process."""
-    cmd = [sys.executable, str(REPO / "train_job.py"), *(["--config", config] if config else []), "--data", str(data),
+def peak_job_pss_mb(data: Path, storage_dir: Path, overrides: list[str], window_s: float | None = None) -> dict:
+    """Run one epoch of train_job.py and sample the PSS of its whole process tree every 0.5 s:
+    peak MB of the job (driver + every Ray process) and of its Ray Train worker process, and
+    the job's peak in the first and second half of the time sampled. With ``window_s`` the job
+    is stopped after that many seconds (Ctrl-C to its process group, as a terminal sends it)."""
+    cmd = [sys.executable, str(REPO / "train_job.py"), "--data", str(data),
            "--set", f"train.storage_path={storage_dir}", "--set", "train.epochs=1",
            *[arg for o in overrides for arg in ("--set", o)]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = {"job": 0.0, "train_worker": 0.0}
-    while proc.poll() is None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    started, samples = time.monotonic(), []  # (seconds, job MB, train worker MB)
+    while proc.poll() is None and (window_s is None or time.monotonic() - started < window_s):
         processes = tree_pss(proc.pid).values()
-        peak["job"] = max(peak["job"], sum(pss for pss, _ in processes) / 2 ** 20)
-        peak["train_worker"] = max([peak["train_worker"], *(pss / 2 ** 20 for pss, cmdline in processes
-                                                            if "RayTrainWorker" in cmdline)])
+        samples.append((time.monotonic() - started, sum(pss for pss, _ in processes) / 2 ** 20,
+                        max([0.0, *(pss / 2 ** 20 for pss, cmd in processes if "RayTrainWorker" in cmd)])))
         time.sleep(0.5)
-    if proc.returncode != 0:
+    if proc.poll() is None:
+        tree = process_tree(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        for pid in tree:  # whatever did not stop (Ray's processes keep their own sessions)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+    elif proc.returncode != 0:
         raise RuntimeError(f"{cmd} failed with {proc.returncode}")
-    return peak
+    half = samples[-1][0] / 2
+    return {"job": max(s[1] for s in samples), "train_worker": max(s[2] for s in samples),
+            "job_first_half": max(s[1] for s in samples if s[0] <= half),
+            "job_second_half": max(s[1] for s in samples if s[0] > half), "sampled_s": samples[-1][0]}
 
 
 def speed(args, cfg, root: Path, tmp: Path) -> dict:

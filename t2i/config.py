@@ -57,6 +57,9 @@ class ModelConfig:
     # "plain": z -> transposed convs (the seed's); "modulated": the caption also scales and
     # shifts every decoder block (DF-GAN's affine fusion; cvae only, always on for gan).
     decoder: str = "plain"
+    # the modulated decoder's x2 upsampling: "nearest" (StackGAN's, DF-GAN's) or "bilinear", a
+    # low-pass that leaves no copies of the coarse map's spectrum to show as a grid (Durall et al. 2020)
+    upsample: str = "nearest"
     image_size: int = 64
 
 
@@ -134,6 +137,7 @@ CHOICES = {
     "model.family": ("seed", "cvae", "gan"),
     "model.text_encoder": ("mean", "pool", "gru"),
     "model.decoder": ("plain", "modulated"),
+    "model.upsample": ("nearest", "bilinear"),
     "loss.likelihood": ("gaussian", "bernoulli"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
@@ -312,6 +316,9 @@ def validate(cfg: Config) -> None:
         problems.append("optim.lr and optim.disc_lr must be > 0")
     if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
         problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
+    if cfg.model.decoder == "plain" and cfg.model.upsample != "nearest":
+        problems.append("model.upsample: the plain decoder upsamples with transposed convs; "
+                        "'bilinear' needs model.decoder = 'modulated'")
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
     if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):

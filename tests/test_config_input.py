@@ -29,6 +29,8 @@ from t2i.config import ConfigError
     ("train.name=../../etc", "must be one folder name"),
     ("train.name=a/b", "must be one folder name"),
     ("train.name=..", "must be one folder name"),
+    ("model.upsample=bilinear", "model.upsample: the plain decoder upsamples with transposed convs"),
+    ("model.upsample=bicubic", "model.upsample"),
 ])
 def test_bad_values_are_refused_by_name(override, says):
     started = time.monotonic()

@@ -18,7 +18,7 @@ def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:
     cls = GENERATORS[cfg.family]
     model = cls(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
                 latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width, dropout=cfg.dropout,
-                decoder=cfg.decoder)
+                decoder=cfg.decoder, upsample=cfg.upsample)
     model.text.vectors.copy_(torch.as_tensor(vectors, dtype=torch.float32))
     return model
 
@@ -42,7 +42,7 @@ def size_problem(cfg: ModelConfig, vocab_size: int = 10_000, embed_dim: int = 50
     with torch.device("meta"):
         model = GENERATORS[cfg.family](vocab_size=vocab_size, embed_dim=embed_dim, text_encoder=cfg.text_encoder,
                                        latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width,
-                                       dropout=cfg.dropout, decoder=cfg.decoder)
+                                       dropout=cfg.dropout, decoder=cfg.decoder, upsample=cfg.upsample)
     params = count_parameters(model)
     if params <= MAX_PARAMETERS:
         return None

@@ -142,18 +142,23 @@ class TextAffine(nn.Module):
 
 
 class ModulatedUpBlock(nn.Module):
-    """x2 nearest upsample -> 3x3 conv -> BN (no affine) -> caption affine -> LeakyReLU.
+    """x2 upsample -> 3x3 conv -> BN (no affine) -> caption affine -> LeakyReLU.
     Upsample + conv rather than a transposed conv avoids checkerboard artefacts (Odena et
-    al. 2016); StackGAN's and DF-GAN's generators upsample this way."""
+    al. 2016); StackGAN's and DF-GAN's generators upsample this way, with "nearest", whose
+    copies of the coarse spectrum one 3x3 conv does not remove; "bilinear" filters them
+    (StyleGAN2's upsampling is a filtered one for this reason; Karras et al. 2020)."""
 
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int):
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest"):
         super().__init__()
+        self.upsample = upsample
         self.conv = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)
         self.norm = nn.BatchNorm2d(out_channels, affine=False)
         self.affine = TextAffine(cond_dim, out_channels)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.conv(nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+        x = nn.functional.interpolate(x, scale_factor=2, mode=self.upsample,
+                                      **({"align_corners": False} if self.upsample == "bilinear" else {}))
+        x = self.conv(x)
         return nn.functional.leaky_relu(self.affine(self.norm(x), cond), 0.2)
 
 
@@ -165,13 +170,14 @@ class ModulatedDecoder(nn.Module):
     linear layer: on shapes this is what lets colour and shape words compose into pairs
     never seen in training (each word switches its own channels on)."""
 
-    def __init__(self, in_dim: int, cond_dim: int, width: int):
+    def __init__(self, in_dim: int, cond_dim: int, width: int, upsample: str = "nearest"):
         super().__init__()
         self.start_channels = 8 * width
         self.project = nn.Sequential(nn.Linear(in_dim, 16 * self.start_channels),
                                      nn.BatchNorm1d(16 * self.start_channels), nn.LeakyReLU(0.2, inplace=True))
         channels = [8 * width, 4 * width, 2 * width, width, width]
-        self.blocks = nn.ModuleList(ModulatedUpBlock(a, b, cond_dim) for a, b in zip(channels[:-1], channels[1:]))
+        self.blocks = nn.ModuleList(ModulatedUpBlock(a, b, cond_dim, upsample)
+                                    for a, b in zip(channels[:-1], channels[1:]))
         self.to_rgb = nn.Sequential(nn.Conv2d(width, 3, 3, 1, 1), nn.Sigmoid())
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

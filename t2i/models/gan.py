@@ -30,7 +30,8 @@ from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar, 
 
 class GANGenerator(TextToImage):
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", latent_dim: int = 64,
-                 hidden: int = 256, width: int = 32, dropout: float = 0.0, decoder: str = "modulated"):
+                 hidden: int = 256, width: int = 32, dropout: float = 0.0, decoder: str = "modulated",
+                 upsample: str = "nearest"):
         super().__init__()
         if decoder != "modulated":
             raise ValueError("the gan family always uses model.decoder = 'modulated'")
@@ -40,7 +41,7 @@ class GANGenerator(TextToImage):
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
         self.augment = nn.Linear(self.text.out_dim, 2 * self.condition_dim)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.decoder = ModulatedDecoder(self.latent_dim, self.condition_dim, width)
+        self.decoder = ModulatedDecoder(self.latent_dim, self.condition_dim, width, upsample)
 
     def latent_gaussian(self, c: torch.Tensor):
         """StackGAN's conditioning-augmentation Gaussian N(mu(c), sigma(c)) for ``c_hat``,

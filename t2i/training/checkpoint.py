@@ -231,7 +231,8 @@ def export(checkpoint: str | Path, out: str) -> dict:
 
 def check_compatible(state: dict, cfg: config_lib.Config, where: str) -> None:
     """Resuming needs the same model; anything else would silently reinitialise layers."""
-    saved = state["config"]["model"]
+    # A key added since the checkpoint was written reads as its default: the behaviour it had.
+    saved = {**config_lib.Config().to_dict()["model"], **state["config"]["model"]}
     wanted = cfg.to_dict()["model"]
     diffs = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
     if diffs:
