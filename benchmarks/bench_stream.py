@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=300, help="seconds of the 100x epoch to sample")
     parser.add_argument("--feed-batches", type=int, default=2000, help="batches of the 100x feed to time")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps per config")
+    parser.add_argument("--parts", nargs="+", choices=["memory", "feed"], default=["memory", "feed"])
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="t2i-bench-stream-") as tmp:
@@ -70,39 +71,49 @@ def main() -> None:
         print(f"train images: {images['1x']:,} (1x), {images['big']:,} ({args.times}x); largest shard "
               f"{shard_mb:.1f} MB, data.cache_mb=1: streamed", flush=True)
 
-        memory = {}
-        for label, data, window in (("1x", root, None), ("big", big, args.window)):
-            memory[label] = peak_job_pss_mb(data, tmp / f"runs-{label}", TINY, window)
-            print(f"memory {label}: {memory[label]['sampled_s']:.0f} s sampled; peak PSS train worker "
-                  f"{memory[label]['train_worker']:.0f} MB, whole job {memory[label]['job']:.0f} MB (first half "
-                  f"{memory[label]['job_first_half']:.0f}, second half {memory[label]['job_second_half']:.0f})",
-                  flush=True)
-        worker_ratio = memory["big"]["train_worker"] / memory["1x"]["train_worker"]
-        job_ratio = memory["big"]["job"] / memory["1x"]["job"]
-        growth = memory["big"]["job_second_half"] / memory["big"]["job_first_half"]
-        print(f"memory {args.times}x/1x: train worker {worker_ratio:.3f}, whole job {job_ratio:.3f} (goal <= 1.1); "
-              f"{args.times}x second half / first half {growth:.3f}")
-
-        feed_cfg = config_lib.load(None, [f"data.batch_size={FEED_BATCH}"])
-        started = time.perf_counter()
-        feed_images_per_s = feed_batches_per_s(feed_cfg, big, epochs=1, max_batches=args.feed_batches) * FEED_BATCH
-        print(f"feed alone, first {args.feed_batches} batches of {args.times}x: {feed_images_per_s:,.0f} images/s "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
-        torch.set_num_threads(2)
-        steps = []
-        for name in STEP_CONFIGS:
-            batch = config_lib.load(REPO / "t2i" / "configs" / name).data.batch_size
-            step = bench_family(REPO / "t2i" / "configs" / name, root, torch.device("cpu"), batch, 1, args.steps)
-            steps.append({"config": name, "batch": batch, "train_images_per_s": step["images_per_s"],
-                          "feed_headroom": feed_images_per_s / step["images_per_s"]})
-            print(f"{name}: training {step['images_per_s']:.1f} images/s (batch {batch}); feed / training = "
-                  f"{steps[-1]['feed_headroom']:.0f}x (goal >= 5)", flush=True)
-    result = {"times": args.times, "train_images": images, "shard_mb": shard_mb, "memory": memory,
-              "memory_ratio_train_worker": worker_ratio, "memory_ratio_job": job_ratio, "memory_growth": growth,
-              "feed_images_per_s": feed_images_per_s, "steps": steps}
+        result = {"times": args.times, "train_images": images, "shard_mb": shard_mb}
+        if "memory" in args.parts:
+            result.update(memory_part(args, root, big, tmp))
+        if "feed" in args.parts:
+            result.update(feed_part(args, root, big))
     print(json.dumps(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+def memory_part(args, root: Path, big: Path, tmp: Path) -> dict:
+    memory = {}
+    for label, data, window in (("1x", root, None), ("big", big, args.window)):
+        memory[label] = peak_job_pss_mb(data, tmp / f"runs-{label}", TINY, window)
+        print(f"memory {label}: {memory[label]['sampled_s']:.0f} s sampled; peak PSS train worker "
+              f"{memory[label]['train_worker']:.0f} MB, whole job {memory[label]['job']:.0f} MB (first half "
+              f"{memory[label]['job_first_half']:.0f}, second half {memory[label]['job_second_half']:.0f})",
+              flush=True)
+    worker_ratio = memory["big"]["train_worker"] / memory["1x"]["train_worker"]
+    job_ratio = memory["big"]["job"] / memory["1x"]["job"]
+    growth = memory["big"]["job_second_half"] / memory["big"]["job_first_half"]
+    print(f"memory {args.times}x/1x: train worker {worker_ratio:.3f}, whole job {job_ratio:.3f} (goal <= 1.1); "
+          f"{args.times}x second half / first half {growth:.3f}")
+    return {"memory": memory, "memory_ratio_train_worker": worker_ratio, "memory_ratio_job": job_ratio,
+            "memory_growth": growth}
+
+
+def feed_part(args, root: Path, big: Path) -> dict:
+    feed_cfg = config_lib.load(None, [f"data.batch_size={FEED_BATCH}"])
+    started = time.perf_counter()
+    feed_images_per_s = feed_batches_per_s(feed_cfg, big, epochs=1, max_batches=args.feed_batches) * FEED_BATCH
+    print(f"feed alone, first {args.feed_batches} batches of {args.times}x: {feed_images_per_s:,.0f} images/s "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
+    torch.set_num_threads(2)
+    steps = []
+    for name in STEP_CONFIGS:
+        batch = config_lib.load(REPO / "t2i" / "configs" / name).data.batch_size
+        step = bench_family(REPO / "t2i" / "configs" / name, root, torch.device("cpu"), batch, 1, args.steps)
+        steps.append({"config": name, "batch": batch, "train_images_per_s": step["images_per_s"],
+                      "feed_headroom": feed_images_per_s / step["images_per_s"]})
+        print(f"{name}: training {step['images_per_s']:.1f} images/s (batch {batch}); feed / training = "
+              f"{steps[-1]['feed_headroom']:.0f}x (goal >= 5)", flush=True)
+    return {"feed_images_per_s": feed_images_per_s, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -129,6 +129,8 @@ def feed_batches_per_s(cfg, root: Path, epochs: int = 3, max_batches: int | None
     manifest = load_manifest(root, verify_checksums=False)
     ds = build_datasets(root, manifest, [], data_cpu_budget(cfg.train.data_cpu_limit, ray.cluster_resources()["CPU"]),
                         seed=cfg.train.seed)["train"]
+    if max_batches:  # the stream ends there (leaving a Ray Data iterator half-read kills the process at shutdown)
+        ds = ds.limit(max_batches * cfg.data.batch_size)
     plan = FeedPlan(cached=False, image_size=manifest["image_size"], batch_size=cfg.data.batch_size,
                     eval_batch_size=256, seed=cfg.train.seed)
     feed = EpochFeed({"train": ds.iterator()}, plan, "cpu")
@@ -138,8 +140,6 @@ def feed_batches_per_s(cfg, root: Path, epochs: int = 3, max_batches: int | None
         for batch in feed.train_batches(epoch):
             to_model_inputs(batch, "cpu")
             n += 1
-            if n == max_batches:
-                break
         rates.append(n / (time.perf_counter() - started))
     ray.shutdown()
     steady = rates[1:] or rates  # one epoch: a big set's first epoch is mostly steady
