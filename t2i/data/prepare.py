@@ -10,8 +10,8 @@ shards: ``vocab.parquet`` (the dataset's words and GloVe vectors) and ``manifest
 Photos are planned into shards of ``shard_rows`` images (:func:`plan_shards`) and each shard
 is built by one task (:func:`build_shard`) in a local process pool or as Ray Data tasks
 across a cluster, so memory per task does not grow with the number of images and both paths
-write the same bytes. Output is built in a sibling temp folder and renamed into place only
-when complete.
+write the same bytes. Sources and outputs may be folders or URIs (``s3://...``). Output is
+built in a sibling temp folder (a store: prefix) and moved into place only when complete.
 """
 
 from __future__ import annotations
