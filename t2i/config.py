@@ -58,7 +58,8 @@ class ModelConfig:
     # shifts every decoder block (DF-GAN's affine fusion; cvae only, always on for gan).
     decoder: str = "plain"
     # the modulated decoder's x2 upsampling: "nearest" (StackGAN's, DF-GAN's) or "bilinear", a
-    # low-pass that leaves no copies of the coarse map's spectrum to show as a grid (Durall et al. 2020)
+    # low-pass against nearest's spectral copies (Durall et al. 2020); on Flickr8k's gan it halved
+    # the grid's peak but blurred and misaligned the draws (docs/results.md), so nearest stays
     upsample: str = "nearest"
     image_size: int = 64
 
