@@ -1,5 +1,5 @@
-"""Prepare throughput and memory: real Flickr8k (local processes, and Ray Data tasks with 1
-and 2 workers), Flickr8k at 1x and 10x its images, and shapes at 1x and 10x images.
+"""Prepare throughput and memory: real Flickr8k (1 and 2 local processes, and Ray Data tasks
+with 1 and 2 workers), Flickr8k at 1x and 10x its images, and shapes at 1x and 10x images.
 
 Each preparation runs in a fresh Python process so its peak RSS is its own (Ray's start is
 outside the timed part). Prints one line per run, the Ray Data speed-up of 2 workers over 1,
@@ -40,6 +40,8 @@ if kind.startswith("ray"):
 t0 = time.perf_counter()
 if kind == "flickr8k":
     m = prepare.prepare_flickr8k(arg, out)
+elif kind.startswith("local"):  # "local1", "local2": that many decoding processes
+    m = prepare.prepare_flickr8k(arg, out, workers=int(kind[5:]))
 elif kind.startswith("ray"):  # "ray1", "ray2": Ray Data tasks, that many at once
     m = prepare.prepare_flickr8k(arg, out, workers=int(kind[3:]), on_ray=True)
 else:
@@ -119,9 +121,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if Path(args.flickr8k).is_dir():
-            r = run("flickr8k", args.flickr8k, tmp / "f8k")
-            print(f"flickr8k: {r['images']} images in {r['seconds']:.1f} s = {r['images_per_s']:.0f} images/s; "
-                  f"peak RSS main {r['peak_rss_mb']:.0f} MB, decode worker {r['peak_worker_rss_mb']:.0f} MB")
+            local = {n: run(f"local{n}", args.flickr8k, tmp / f"f8k-local{n}") for n in (1, 2)}
+            for n, r in local.items():
+                print(f"flickr8k, {n} local process(es): {r['images']} images in {r['seconds']:.1f} s = "
+                      f"{r['images_per_s']:.0f} images/s; peak RSS main {r['peak_rss_mb']:.0f} MB, "
+                      f"decoding process {r['peak_worker_rss_mb']:.0f} MB")
+            print(f"local 2 processes / 1 = {local[2]['images_per_s'] / local[1]['images_per_s']:.2f}x")
             on_ray = {n: run(f"ray{n}", args.flickr8k, tmp / f"f8k-ray{n}") for n in (1, 2)}
             for n, r in on_ray.items():
                 print(f"flickr8k on Ray Data, {n} worker(s): {r['images']} images in {r['seconds']:.1f} s = "
