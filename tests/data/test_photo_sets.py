@@ -223,3 +223,21 @@ def test_prepare_reads_and_writes_an_object_store(tmp_path, s3_server, monkeypat
     assert cli_main(["prepare", "flickr30k", "--src", "s3://t2i-test/raw/nothing", "--out", "s3://t2i-test/x"]) == 2
     assert storage.list_names("s3://t2i-test/x") == []
 
+
+
+def test_ray_data_prepare_refuses_a_node_local_folder_on_a_multi_host_cluster(tmp_path, monkeypatch):
+    """Ray Data tasks on other hosts could neither read a --src nor write an --out on this
+    node's own disk: refused in one line before any task runs, nothing written."""
+    import ray
+
+    from t2i import storage
+    from t2i.runtime import ray_env
+
+    monkeypatch.setattr(ray_env, "start_ray", lambda *a, **k: None)
+    monkeypatch.setattr(ray_env, "quiet_ray_data", lambda: None)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"NodeManagerAddress": h, "Alive": True} for h in ("10.0.0.1", "10.0.0.2")])
+    monkeypatch.setattr(storage, "mount_fs_type", lambda path: "ext4")
+    src = flickr30k_original(tmp_path / "src")
+    with pytest.raises(DatasetError, match="--out .* on this node's own disk .* 2 hosts"):
+        prepare_flickr30k(src, tmp_path / "out", ImageSettings(size=16, on_ray=True))
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["src"]
