@@ -237,8 +237,10 @@ class UriPath:
 
 def as_path(location: str | Path) -> Path | UriPath:
     """A local path as a Path, a URI as a :class:`UriPath` (for the data readers)."""
-    if isinstance(location, UriPath) or not is_uri(location) or str(location).startswith("file://"):
-        return location if isinstance(location, UriPath) else Path(str(location).removeprefix("file://"))
+    if isinstance(location, UriPath):
+        return location
+    if is_node_local(location):
+        return Path(str(location).removeprefix("file://"))
     return UriPath(str(location))
 
 
@@ -294,5 +296,14 @@ def node_local_problem(location: str, what: str, hosts: set[str], fs_type: str) 
     return (f"{what} {location!r} is on this node's own disk ({fs_type}), but the Ray cluster has nodes on "
             f"{len(hosts)} hosts ({', '.join(sorted(hosts))}); workers elsewhere could not read or write it. "
             f"Use a URI (s3://bucket/path, gs://bucket/path) or a folder on a filesystem every node mounts "
-            f"(NFS, CephFS, ...). If this path is shared in a way t2i cannot detect, set "
-            f"train.assume_shared_storage=true.")
+            f"(NFS, CephFS, ...).")
+
+
+def shared_storage_problem(locations: dict[str, str], hosts: set[str]) -> str | None:
+    """The first of ``locations`` ({what: location}) that a cluster spread over ``hosts``
+    cannot share (:func:`node_local_problem`), or None."""
+    for what, location in locations.items():
+        problem = node_local_problem(location, what, hosts, mount_fs_type(location.removeprefix("file://")))
+        if problem:
+            return problem
+    return None

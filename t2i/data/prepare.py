@@ -270,8 +270,7 @@ def prepare_photos(source: CaptionSource, skips: SkipLog, dataset: str, src: str
     with staged_output(out, settings.overwrite) as root:
         write_vocab(vocab, root)
         if settings.on_ray:
-            sources = tuple(str(d) for d in source.image_dirs)
-            results = build_shards_on_ray(jobs, vocab, settings.size, root, settings.workers, sources)
+            results = build_shards_on_ray(jobs, vocab, settings.size, root, settings.workers, src)
         else:
             with decoding_pool(settings.workers or os.cpu_count()) as pool:
                 built = pool.map(build_shard, jobs, repeat(vocab), repeat(settings.size), repeat(root))

@@ -70,7 +70,7 @@ class ShardWriter:
         # Images are raw bytes that compress poorly with zstd level 1 but cost little to try.
         pq.write_table(table, buffer, compression="zstd", compression_level=1)
         data = buffer.getvalue()
-        storage.write_bytes(storage.join(str(self.root), rel), data)  # whole or not at all, on disk or in a store
+        storage.write_bytes(storage.join(self.root, rel), data)  # whole or not at all, on disk or in a store
         self.shards.append({"file": rel, "rows": len(self.rows), "bytes": len(data),
                             "sha256": hashlib.sha256(data).hexdigest()})
         self.rows = []
@@ -111,8 +111,8 @@ def load_image(location: str | Path, size: int) -> bytes:
     return np.asarray(img, dtype=np.uint8).tobytes()
 
 
-def _load_image_task(args: tuple[str, int]) -> tuple[bytes | None, str]:
-    path, size = args
+def load_image_or_reason(path: str, size: int) -> tuple[bytes | None, str]:
+    """(pixels, "") or (None, why it could not be read) for the skip log."""
     try:
         return load_image(path, size), ""
     except Exception as exc:  # noqa: BLE001 - any decode failure means: skip and count
@@ -153,7 +153,7 @@ def build_shard(job: ShardJob, vocab: Vocabulary, size: int, root: str | Path) -
     writer = ShardWriter(root, job.split, schema(vocab.dim, MAX_WORDS, with_shapes=False), len(job.items) or 1,
                          first_index=job.index)
     for name, path, captions in job.items:
-        pixels, error = _load_image_task((path, size))
+        pixels, error = load_image_or_reason(path, size)
         if pixels is None:
             skips.add("unreadable image", error)
             continue
@@ -168,21 +168,20 @@ def build_shard(job: ShardJob, vocab: Vocabulary, size: int, root: str | Path) -
 
 
 def build_shards_on_ray(jobs: list[ShardJob], vocab: Vocabulary, size: int, root: str | Path,
-                        workers: int | None, sources: tuple[str, ...] = ()) -> list[dict]:
+                        workers: int | None, src: str | Path | None = None) -> list[dict]:
     """The shards as Ray Data tasks (one CPU each, ``workers`` at once; default: as many as
-    the cluster runs), reading images from ``sources`` and writing to ``root``, which every
-    node must see (a URI or a shared mount). Results are returned in plan order."""
+    the cluster runs), reading images from the download ``src`` and writing to ``root``,
+    which every node must see (URIs or shared mounts). Results are returned in plan order."""
     import ray  # noqa: PLC0415 - only this path needs Ray
 
-    from t2i.runtime.ray_env import quiet_ray_data, start_ray  # noqa: PLC0415
+    from t2i.runtime.ray_env import alive_hosts, quiet_ray_data, start_ray  # noqa: PLC0415
 
     start_ray()
     quiet_ray_data()
-    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
-    for what, location in [("--out", str(root)), *(("--src", s) for s in sources)]:
-        problem = storage.node_local_problem(location, what, hosts, storage.mount_fs_type(location))
-        if problem:
-            raise DatasetError(problem.split(" If this path is shared")[0])
+    locations = {"--out": str(root), **({"--src": str(src)} if src is not None else {})}
+    problem = storage.shared_storage_problem(locations, alive_hosts())
+    if problem:
+        raise DatasetError(problem)
     items = [{"job": json.dumps({"split": j.split, "index": j.index, "items": j.items})} for j in jobs]
 
     def build(row: dict) -> dict:

@@ -13,12 +13,16 @@ from t2i.models.vae import CVAE, SeedVAE, TextToImageVAE, VAEOutput
 GENERATORS: dict[str, type[TextToImage]] = {"seed": SeedVAE, "cvae": CVAE, "gan": GANGenerator}
 
 
+def new_generator(cfg: ModelConfig, vocab_size: int, embed_dim: int) -> TextToImage:
+    """An untrained generator of ``cfg``'s family and sizes (on torch's current default device)."""
+    return GENERATORS[cfg.family](vocab_size=vocab_size, embed_dim=embed_dim, text_encoder=cfg.text_encoder,
+                                  latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width,
+                                  dropout=cfg.dropout, decoder=cfg.decoder, upsample=cfg.upsample)
+
+
 def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:
     """A fresh model whose frozen word table is ``vectors`` (vocab_size, embed_dim)."""
-    cls = GENERATORS[cfg.family]
-    model = cls(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
-                latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width, dropout=cfg.dropout,
-                decoder=cfg.decoder, upsample=cfg.upsample)
+    model = new_generator(cfg, *vectors.shape)
     model.text.vectors.copy_(torch.as_tensor(vectors, dtype=torch.float32))
     return model
 
@@ -40,9 +44,7 @@ def size_problem(cfg: ModelConfig, vocab_size: int = 10_000, embed_dim: int = 50
     """Why ``cfg`` describes a model too large to train (None if it fits), counted on
     PyTorch's meta device: no memory is allocated, whatever the size."""
     with torch.device("meta"):
-        model = GENERATORS[cfg.family](vocab_size=vocab_size, embed_dim=embed_dim, text_encoder=cfg.text_encoder,
-                                       latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width,
-                                       dropout=cfg.dropout, decoder=cfg.decoder, upsample=cfg.upsample)
+        model = new_generator(cfg, vocab_size, embed_dim)
     params = count_parameters(model)
     if params <= MAX_PARAMETERS:
         return None

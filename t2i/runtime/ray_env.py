@@ -44,6 +44,11 @@ def private_api(what: str, call, fallback):
         return fallback
 
 
+def alive_hosts() -> set[str]:
+    """The addresses of the hosts the running Ray cluster's live nodes are on."""
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota
     (a container's ``--cpus``), not the host's count that ``os.cpu_count()`` reports."""

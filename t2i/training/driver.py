@@ -31,6 +31,7 @@ from t2i.data.text import Vocabulary
 from t2i.models import build_model, count_parameters
 from t2i.runtime.ray_env import (
     GPUUnavailableError,
+    alive_hosts,
     choose_cpus_per_worker,
     cuda_problem,
     data_cpu_budget,
@@ -78,12 +79,10 @@ def check_cluster_storage(cfg: Config, locations: dict[str, str]) -> None:
     """Refuse node-local paths on a cluster spread over several hosts (see t2i.storage)."""
     if cfg.train.assume_shared_storage or not ray.is_initialized():
         return
-    hosts = {node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")}
-    for what, location in locations.items():
-        local_path = location.removeprefix("file://")
-        problem = storage.node_local_problem(location, what, hosts, storage.mount_fs_type(local_path))
-        if problem:
-            raise ConfigError(problem)
+    problem = storage.shared_storage_problem(locations, alive_hosts())
+    if problem:
+        raise ConfigError(f"{problem} If this path is shared in a way t2i cannot detect, set "
+                          "train.assume_shared_storage=true.")
 
 
 def check_resume(run_dir: str, cfg: Config, vocab: Vocabulary | None = None, data_root: str = "the data") -> dict | None:

@@ -207,14 +207,11 @@ def test_prepare_reads_and_writes_an_object_store(tmp_path, s3_server, monkeypat
 
     def fail(*args, **kwargs):
         raise OSError("connection reset while writing the manifest")
-    monkeypatch.setattr(prepare_module, "write_manifest", fail)  # every shard staged, then the connection drops
     overwrite = ImageSettings(size=16, shard_rows=1, workers=1, overwrite=True)
-    with pytest.raises(OSError, match="connection reset"):
+    with monkeypatch.context() as patched, pytest.raises(OSError, match="connection reset"):
+        patched.setattr(prepare_module, "write_manifest", fail)  # every shard staged, then the connection drops
         prepare_flickr30k("s3://t2i-test/raw/f30k", out, overwrite)
     assert storage.list_names("s3://t2i-test/prepared") == ["f30k"] and load_manifest(out)["created"] == remote["created"]
-    monkeypatch.undo()
-    for key, value in s3_server.items():
-        monkeypatch.setenv(key, value)
     again = prepare_flickr30k("s3://t2i-test/raw/f30k", out, overwrite)
     files = {s["file"] for split in again["splits"].values() for s in split["shards"]}
     assert set(storage.list_files(out)) == files | {"manifest.json", "vocab.parquet"}  # shard_rows 3 -> 1: none left
