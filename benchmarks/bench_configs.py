@@ -16,7 +16,7 @@ small: at 64x64 a GPU epoch is so few FLOPs that per-step overheads (kernel laun
 optimizer, the feed), not arithmetic, will set its time, so the steps per epoch are printed
 too. The per-epoch dev evaluation (a forward pass, ~1/3 of a step per image) is not included.
 
-    python benchmarks/bench_configs.py [--data data/f8k] [--steps 6]
+    python benchmarks/bench_configs.py [--data data/f8k] [--steps 6] [--configs gan_gpu.toml ...]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from t2i import config as config_lib
 from t2i.models import build_discriminator, build_model, count_parameters
 
 TRAIN_IMAGES = {"flickr8k": 6_000, "flickr30k": 29_000, "coco": 78_644}
-CONFIGS = {"gan.toml": "flickr8k", "cvae.toml": "flickr8k", "gan_flickr30k.toml": "flickr30k",
+CONFIGS = {"gan.toml": "flickr8k", "cvae.toml": "flickr8k", "gan_gpu.toml": "flickr8k", "gan_flickr30k.toml": "flickr30k",
            "cvae_flickr30k.toml": "flickr30k", "gan_coco.toml": "coco", "cvae_coco.toml": "coco"}
 ASSUMED_MFU = 0.10
 
@@ -51,6 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(REPO / "data" / "f8k"), help="a prepared Flickr8k (default: prepare one)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per config (after 5 warm-up steps)")
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=list(CONFIGS),
+                        help="only these configs (default: all)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
     root = Path(args.data)
@@ -58,7 +60,8 @@ def main() -> None:
         root = prepare(root)
     peak = PEAK_BF16_TFLOPS["H200"] * 1e12
     rows = []
-    for name, dataset in CONFIGS.items():
+    for name in args.configs:
+        dataset = CONFIGS[name]
         cfg = config_lib.load(REPO / "t2i" / "configs" / name)
         step = bench_family(REPO / "t2i" / "configs" / name, root, torch.device("cpu"), cfg.data.batch_size, 1,
                             args.steps)

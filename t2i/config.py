@@ -75,6 +75,9 @@ class LossConfig:
                                    # separately trained encoder, never the evaluation judge; 0 = off
     augment: str = ""              # gan: DiffAugment policy for all D sees, e.g. "translation,cutout"
                                    # (ops: color, translation, cutout; Zhao et al. 2020); "" = off
+    align_augment: str = ""        # gan: the same ops on the images the alignment-loss encoder scores
+                                   # (a new random view each step, so G cannot fit that one encoder's
+                                   # blind spots); "" = the images as drawn
 
 
 @dataclass
@@ -340,14 +343,16 @@ def validate(cfg: Config) -> None:
         problems.append("loss.align_weight must be >= 0")
     if cfg.loss.align_weight > 0 and cfg.model.family != "gan":
         problems.append("loss.align_weight is a gan-family term (the VAEs never use it); set it to 0")
-    if (cfg.loss.augment or cfg.optim.ema_decay) and cfg.model.family != "gan":
-        problems.append("loss.augment and optim.ema_decay are gan-family settings; leave them at their defaults")
+    if (cfg.loss.augment or cfg.loss.align_augment or cfg.optim.ema_decay) and cfg.model.family != "gan":
+        problems.append("loss.augment, loss.align_augment and optim.ema_decay are gan-family settings; "
+                        "leave them at their defaults")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
-    try:
-        parse_policy(cfg.loss.augment)
-    except ValueError as exc:
-        problems.append(f"loss.augment: {exc}")
+    for key, policy in (("loss.augment", cfg.loss.augment), ("loss.align_augment", cfg.loss.align_augment)):
+        try:
+            parse_policy(policy)
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
     for key, value, low in (("optim.grad_clip", cfg.optim.grad_clip, 0), ("optim.weight_decay", cfg.optim.weight_decay, 0),
                             ("optim.gamma", cfg.optim.gamma, 0), ("loss.gp_weight", cfg.loss.gp_weight, 0),
                             ("train.cpus_per_worker", cfg.train.cpus_per_worker, 0),

@@ -27,8 +27,8 @@ def contrast(x: torch.Tensor) -> torch.Tensor:
 
 
 def translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
-    """Shift each image by up to ``ratio`` of its size, filling with black (the reference's
-    zero padding of [-1, 1] images is -1, black)."""
+    """Shift each image by up to ``ratio`` of its size, filling with mid-grey (the reference
+    zero-pads [-1, 1] images: 0 there is grey, as in :func:`cutout`)."""
     b, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
     dy = torch.randint(-sh, sh + 1, (b, 1, 1), device=x.device)
@@ -37,7 +37,7 @@ def translation(x: torch.Tensor, ratio: float = 0.125) -> torch.Tensor:
                                 torch.arange(w, device=x.device), indexing="ij")
     gy = torch.clamp(gy + dy + 1, 0, h + 1)
     gx = torch.clamp(gx + dx + 1, 0, w + 1)
-    padded = F.pad(x, [1, 1, 1, 1])
+    padded = F.pad(x, [1, 1, 1, 1], value=0.5)
     return padded.permute(0, 2, 3, 1)[gb, gy, gx].permute(0, 3, 1, 2)
 
 

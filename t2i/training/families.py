@@ -223,6 +223,7 @@ class GANFamily(Family):
         super().__init__(cfg, vectors, alignment_encoder, dev_distractors)
         self.discriminator = build_discriminator(cfg.model, vectors)
         self.augment = parse_policy(cfg.loss.augment)
+        self.align_augment = parse_policy(cfg.loss.align_augment)
         # The averaged generator samples, ranks checkpoints and is what model.pt holds; the
         # trained one is kept in the training state for resuming.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
@@ -238,9 +239,13 @@ class GANFamily(Family):
         return "dev_align" if self.alignment_encoder is not None else "dev_gen_mse"
 
     def _alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
+        """The sentence loss on the images as ``loss.align_augment`` transforms them: against one
+        fixed view, G learns textures the frozen encoder alone reads (stripes that fool it and no
+        other network); a fresh random view per step averages them out, as CLIP-guided
+        generation scores augmented crops (expectation over transformation, Athalye et al. 2018)."""
         if self.alignment_encoder is None:
             return images.new_zeros(())
-        return alignment_loss(self.alignment_encoder, images.float(), word_ids)
+        return alignment_loss(self.alignment_encoder, diff_augment(images.float(), self.align_augment), word_ids)
 
     @property
     def generator(self) -> torch.nn.Module:

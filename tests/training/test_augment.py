@@ -16,13 +16,17 @@ def test_each_op_keeps_the_shape_and_lets_gradients_through():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_translation_shifts_content_and_fills_black():
+def test_translation_shifts_content_and_fills_grey():
     x = torch.zeros(64, 1, 16, 16)
     x[:, :, 6:10, 6:10] = 1.0
     y = translation(x)
-    assert torch.all(y.sum(dim=(1, 2, 3)) <= 16) and torch.all(y.sum(dim=(1, 2, 3)) >= 1)  # moved, not lost (2 px max)
-    assert not all(torch.equal(y[i], x[i]) for i in range(64))                           # some images moved
-    assert set(y.unique().tolist()) <= {0.0, 1.0}                                          # no new values
+    bright = (y == 1.0).sum(dim=(1, 2, 3))
+    assert torch.all(bright == 16)                                        # moved, not lost (2 px max)
+    assert not all(torch.equal(y[i], x[i]) for i in range(64))            # some images moved
+    assert set(y.unique().tolist()) == {0.0, 0.5, 1.0}                     # no new values but the fill
+    moved = [i for i in range(64) if not torch.equal(y[i], x[i])]
+    # What moved in from outside is the reference's zero of [-1, 1] images: mid-grey.
+    assert all(((y[i] == 0.5).sum() > 0) for i in moved)
 
 
 def test_cutout_blanks_a_quarter_with_grey():
@@ -40,6 +44,10 @@ def test_policies_are_checked():
         parse_policy("translation,blur")
     with pytest.raises(config_lib.ConfigError, match="loss.augment: unknown augmentation"):
         config_lib.load("gan", ["loss.augment=flip"])
+    with pytest.raises(config_lib.ConfigError, match="loss.align_augment: unknown augmentation"):
+        config_lib.load("gan", ["loss.align_augment=crop"])
+    with pytest.raises(config_lib.ConfigError, match="gan-family settings"):
+        config_lib.load("cvae", ["loss.align_augment=translation"])
     with pytest.raises(config_lib.ConfigError, match="gan-family settings"):
         config_lib.load("cvae", ["optim.ema_decay=0.99"])
     with pytest.raises(config_lib.ConfigError, match="ema_decay must be in"):

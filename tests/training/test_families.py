@@ -352,7 +352,8 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     encoder = train_dual_encoder(data["images"], data["word_ids"], data["caption_image"], vocab.vectors,
                                  mirror_ids(vocab.words), recipe=EncoderRecipe(epochs=4, batch=32), width=8,
                                  log=lambda line: None)
-    cfg = config_lib.load(REPO / "t2i" / "configs" / "gan.toml", [*TINY_GAN, "loss.align_weight=10.0"])
+    cfg = config_lib.load(REPO / "t2i" / "configs" / "gan.toml",
+                          [*TINY_GAN, "loss.align_weight=10.0", "loss.align_augment=translation,cutout"])
     with pytest.raises(ValueError, match="alignment-loss encoder"):
         make_family(cfg, vocab.vectors)
     frozen = encoder.requires_grad_(False).eval()
@@ -369,6 +370,10 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     assert terms[0] == pytest.approx(start, abs=1.0)  # the step reports the loss it trains on
     assert np.mean(terms[-5:]) < np.mean(terms[:5]) - 0.1, terms
     assert all(torch.equal(before[k], v) for k, v in frozen.state_dict().items())  # never trained here
+    # loss.align_augment: a new random view of the same images each step; without it, one view.
+    assert family._alignment(images, word_ids).item() != family._alignment(images, word_ids).item()
+    family.align_augment = ()
+    assert family._alignment(images, word_ids).item() == family._alignment(images, word_ids).item()
     with pytest.raises(config_lib.ConfigError, match="align_weight"):
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.align_weight=1.0"])
 
