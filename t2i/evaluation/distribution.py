@@ -79,11 +79,15 @@ def log_power_spectrum(images: torch.Tensor) -> torch.Tensor:
 
 
 def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:
-    """{name: {"peak": max over frequencies of log10(P / P_real), "distance": mean
-    |log10 P - log10 P_real|}} for each image set against ``real``."""
+    """{name: {"peak": max over frequencies of log10(P / P_real), "peak_at": that frequency as
+    [fy, fx] in cycles per image (signed; a grid of period p pixels sits at multiples of
+    side / p), "distance": mean |log10 P - log10 P_real|}} for each image set against ``real``."""
     reference = log_power_spectrum(real)
     out = {}
     for name, images in sets.items():
         excess = log_power_spectrum(images) - reference
-        out[name] = {"peak": float(excess.max()), "distance": float(excess.abs().mean())}
+        side_y, side_x = excess.shape
+        row, column = divmod(int(excess.argmax()), side_x)
+        out[name] = {"peak": float(excess.max()), "peak_at": [row - side_y // 2, column - side_x // 2],
+                     "distance": float(excess.abs().mean())}
     return out

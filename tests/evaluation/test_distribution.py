@@ -45,6 +45,9 @@ def test_the_spectrum_check_sees_an_upsampling_grid(shapes_images):
                                 "grid4": with_upsampling_grid(other, period=4, amplitude=0.02), "blurred": blurred})
     assert out["real"]["peak"] < 0.7
     assert out["grid2"]["peak"] > 1.2 and out["grid4"]["peak"] > 1.2  # 1% brightness, 16x the real power
+    # Where: a period of 2 pixels sits at 32 cycles per 64-pixel image, a period of 4 at 16 or 32.
+    assert {abs(f) for f in out["grid2"]["peak_at"]} <= {0, 32} and any(out["grid2"]["peak_at"])
+    assert {abs(f) for f in out["grid4"]["peak_at"]} <= {0, 16, 32} and any(out["grid4"]["peak_at"])
     assert out["blurred"]["distance"] > 5 * out["real"]["distance"]     # missing high frequencies
     spectrum = log_power_spectrum(real)
     assert spectrum.shape == real.shape[-2:] and torch.isfinite(spectrum).all()
