@@ -61,6 +61,9 @@ class ModelConfig:
     # low-pass against nearest's spectral copies (Durall et al. 2020); on Flickr8k's gan it halved
     # the grid's peak but blurred and misaligned the draws (docs/results.md), so nearest stays
     upsample: str = "nearest"
+    # the modulated decoder's blocks: "plain" (upsample, one conv, BN, one caption affine) or
+    # "residual" (DF-GAN's: two fused convs and a shortcut per block, no BN; ~1.6x the convs)
+    block: str = "plain"
     image_size: int = 64
 
 
@@ -142,6 +145,7 @@ CHOICES = {
     "model.text_encoder": ("mean", "pool", "gru"),
     "model.decoder": ("plain", "modulated"),
     "model.upsample": ("nearest", "bilinear"),
+    "model.block": ("plain", "residual"),
     "loss.likelihood": ("gaussian", "bernoulli"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
@@ -323,6 +327,9 @@ def validate(cfg: Config) -> None:
     if cfg.model.decoder == "plain" and cfg.model.upsample != "nearest":
         problems.append("model.upsample: the plain decoder upsamples with transposed convs; "
                         "'bilinear' needs model.decoder = 'modulated'")
+    if cfg.model.decoder == "plain" and cfg.model.block != "plain":
+        problems.append("model.block: the plain decoder has transposed-conv layers, not blocks; "
+                        "'residual' needs model.decoder = 'modulated'")
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
     if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):

@@ -17,7 +17,8 @@ def new_generator(cfg: ModelConfig, vocab_size: int, embed_dim: int) -> TextToIm
     """An untrained generator of ``cfg``'s family and sizes (on torch's current default device)."""
     return GENERATORS[cfg.family](vocab_size=vocab_size, embed_dim=embed_dim, text_encoder=cfg.text_encoder,
                                   latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width,
-                                  dropout=cfg.dropout, decoder=cfg.decoder, upsample=cfg.upsample)
+                                  dropout=cfg.dropout, decoder=cfg.decoder, upsample=cfg.upsample,
+                                  block=cfg.block)
 
 
 def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:

@@ -141,6 +141,11 @@ class TextAffine(nn.Module):
         return x * (1 + self.scale(cond)[:, :, None, None]) + self.shift(cond)[:, :, None, None]
 
 
+def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
+    return nn.functional.interpolate(x, scale_factor=2, mode=mode,
+                                     **({"align_corners": False} if mode == "bilinear" else {}))
+
+
 class ModulatedUpBlock(nn.Module):
     """x2 upsample -> 3x3 conv -> BN (no affine) -> caption affine -> LeakyReLU.
     Upsample + conv rather than a transposed conv avoids checkerboard artefacts (Odena et
@@ -156,29 +161,62 @@ class ModulatedUpBlock(nn.Module):
         self.affine = TextAffine(cond_dim, out_channels)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.interpolate(x, scale_factor=2, mode=self.upsample,
-                                      **({"align_corners": False} if self.upsample == "bilinear" else {}))
-        x = self.conv(x)
+        x = self.conv(upsample2x(x, self.upsample))
         return nn.functional.leaky_relu(self.affine(self.norm(x), cond), 0.2)
+
+
+class ResidualUpBlock(nn.Module):
+    """DF-GAN's generator block (Tao et al. 2022, G_Block in tobran/DF-GAN): x2 upsample, then
+    a 1x1-conv shortcut plus a residual of two stages (fuse -> 3x3 conv), each fusion two
+    caption affines with LeakyReLU (its DFBLK). No batch norm: every block re-reads the
+    condition instead. Two convs per resolution, where :class:`ModulatedUpBlock` has one,
+    give the block a second filter over nearest upsampling's spectral copies."""
+
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest"):
+        super().__init__()
+        self.upsample = upsample
+        self.fuse1 = nn.ModuleList([TextAffine(cond_dim, in_channels), TextAffine(cond_dim, in_channels)])
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.fuse2 = nn.ModuleList([TextAffine(cond_dim, out_channels), TextAffine(cond_dim, out_channels)])
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    @staticmethod
+    def fuse(affines: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for affine in affines:
+            x = nn.functional.leaky_relu(affine(x, cond), 0.2)
+        return x
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = upsample2x(x, self.upsample)
+        h = self.conv1(self.fuse(self.fuse1, x, cond))
+        h = self.conv2(self.fuse(self.fuse2, h, cond))
+        return self.shortcut(x) + h
+
+
+UP_BLOCKS = {"plain": ModulatedUpBlock, "residual": ResidualUpBlock}
 
 
 class ModulatedDecoder(nn.Module):
     """(B, in_dim), (B, cond_dim) -> (B, 3, 64, 64) in [0, 1]: a 4x4 seed map from ``in_dim``
-    and four upsampling blocks, each re-reading the caption through :class:`TextAffine`.
+    and four upsampling blocks, each re-reading the caption through :class:`TextAffine`
+    (``block``: "plain" = :class:`ModulatedUpBlock`, "residual" = DF-GAN's :class:`ResidualUpBlock`).
 
     The caption reaches every resolution directly instead of only through the first
     linear layer: on shapes this is what lets colour and shape words compose into pairs
     never seen in training (each word switches its own channels on)."""
 
-    def __init__(self, in_dim: int, cond_dim: int, width: int, upsample: str = "nearest"):
+    def __init__(self, in_dim: int, cond_dim: int, width: int, upsample: str = "nearest", block: str = "plain"):
         super().__init__()
         self.start_channels = 8 * width
         self.project = nn.Sequential(nn.Linear(in_dim, 16 * self.start_channels),
                                      nn.BatchNorm1d(16 * self.start_channels), nn.LeakyReLU(0.2, inplace=True))
         channels = [8 * width, 4 * width, 2 * width, width, width]
-        self.blocks = nn.ModuleList(ModulatedUpBlock(a, b, cond_dim, upsample)
+        self.blocks = nn.ModuleList(UP_BLOCKS[block](a, b, cond_dim, upsample)
                                     for a, b in zip(channels[:-1], channels[1:]))
-        self.to_rgb = nn.Sequential(nn.Conv2d(width, 3, 3, 1, 1), nn.Sigmoid())
+        # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
+        pre_activation = [nn.LeakyReLU(0.2)] if block == "residual" else []
+        self.to_rgb = nn.Sequential(*pre_activation, nn.Conv2d(width, 3, 3, 1, 1), nn.Sigmoid())
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = self.project(h).view(-1, self.start_channels, 4, 4)

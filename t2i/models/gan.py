@@ -8,7 +8,8 @@ The generator is StackGAN's Stage I (Zhang et al. 2017) with DF-GAN's fusion blo
   with KL(N(mu, sigma) || N(0, I)) added to the generator's loss (StackGAN eq. 3-4). It
   smooths the conditioning manifold, so few captions per image still cover it.
 * ``c_hat`` and noise ``z ~ N(0, I)`` -> 4x4 map -> four upsampling blocks that each
-  re-read ``c_hat`` through a channel-wise affine transform (DF-GAN's DFBlock).
+  re-read ``c_hat`` through a channel-wise affine transform (DF-GAN's DFBlock); with
+  ``block="residual"`` DF-GAN's two-conv residual blocks, whose affines read ``[c_hat, z]``.
 
 In the interface shared with the VAEs (:class:`TextToImage`), the generator's latent is
 ``[c_hat, z]``: ``latent_gaussian(c)`` is the CA Gaussian beside N(0, I), so ``sample()``,
@@ -31,7 +32,7 @@ from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar, 
 class GANGenerator(TextToImage):
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", latent_dim: int = 64,
                  hidden: int = 256, width: int = 32, dropout: float = 0.0, decoder: str = "modulated",
-                 upsample: str = "nearest"):
+                 upsample: str = "nearest", block: str = "plain"):
         super().__init__()
         if decoder != "modulated":
             raise ValueError("the gan family always uses model.decoder = 'modulated'")
@@ -41,7 +42,9 @@ class GANGenerator(TextToImage):
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
         self.augment = nn.Linear(self.text.out_dim, 2 * self.condition_dim)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.decoder = ModulatedDecoder(self.latent_dim, self.condition_dim, width, upsample)
+        # What the blocks' affines read: c_hat (StackGAN), or c_hat and z as DF-GAN's blocks do.
+        self.fused_dim = self.latent_dim if block == "residual" else self.condition_dim
+        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, width, upsample, block)
 
     def latent_gaussian(self, c: torch.Tensor):
         """StackGAN's conditioning-augmentation Gaussian N(mu(c), sigma(c)) for ``c_hat``,
@@ -51,7 +54,7 @@ class GANGenerator(TextToImage):
         return torch.cat([mu, noise], 1), torch.cat([bounded_logvar(logvar), noise], 1)
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z, z[:, : self.condition_dim])
+        return self.decoder(z, z[:, : self.fused_dim])
 
     def forward(self, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random image per caption, and the CA Gaussian's (mu, logvar) for its KL."""

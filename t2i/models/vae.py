@@ -48,9 +48,9 @@ class TextToImageVAE(TextToImage):
 class SeedVAE(TextToImageVAE):
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "mean", latent_dim: int = 128,
                  hidden: int = 1024, width: int = 80, dropout: float = 0.0, decoder: str = "plain",
-                 upsample: str = "nearest"):
+                 upsample: str = "nearest", block: str = "plain"):
         super().__init__()
-        if decoder != "plain" or upsample != "nearest":
+        if decoder != "plain" or upsample != "nearest" or block != "plain":
             raise ValueError("the seed family's decoder reads only z: use model.decoder = 'plain'")
         self.latent_dim = latent_dim
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
@@ -79,7 +79,7 @@ class SeedVAE(TextToImageVAE):
 class CVAE(TextToImageVAE):
     def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "gru", latent_dim: int = 64,
                  hidden: int = 512, width: int = 48, dropout: float = 0.0, decoder: str = "plain",
-                 upsample: str = "nearest"):
+                 upsample: str = "nearest", block: str = "plain"):
         super().__init__()
         self.latent_dim = latent_dim
         self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
@@ -91,7 +91,7 @@ class CVAE(TextToImageVAE):
         self.cond = mlp([c_dim, hidden], dropout)
         # "modulated": the caption also scales/shifts every decoder block (DF-GAN's fusion).
         self.modulated = decoder == "modulated"
-        self.decoder = (ModulatedDecoder(latent_dim + hidden, hidden, width, upsample) if self.modulated
+        self.decoder = (ModulatedDecoder(latent_dim + hidden, hidden, width, upsample, block) if self.modulated
                         else ConvDecoder(latent_dim + hidden, width))
 
     def encode(self, image: torch.Tensor, c: torch.Tensor):

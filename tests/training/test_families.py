@@ -116,10 +116,11 @@ def test_default_shapes_family_learns_colour_fast(shapes_dir):
     assert accuracy["color"] > 0.5, accuracy
 
 
-def test_discriminator_and_generator_losses_move_the_right_way(shapes_dir):
+@pytest.mark.parametrize("block", ["plain", "residual"])
+def test_discriminator_and_generator_losses_move_the_right_way(shapes_dir, block):
     torch.manual_seed(0)
     vocab = load_vocabulary(shapes_dir)
-    family = family_for("gan.toml", vocab.vectors, *TINY_GAN)
+    family = family_for("gan.toml", vocab.vectors, *TINY_GAN, f"model.block={block}")
     images, word_ids = fixed_batch(shapes_dir)
     with torch.no_grad():
         fake = family.model(word_ids)[0]
