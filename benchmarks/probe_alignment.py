@@ -27,6 +27,7 @@ import torch
 from torchvision.utils import save_image
 
 from t2i.data.dataset import load_manifest, load_vocabulary, read_split_arrays
+from t2i.models.dual_encoder import contrastive_loss
 from t2i.training import encoders
 from t2i.training.augment import diff_augment, parse_policy
 from t2i.training.losses import alignment_loss
@@ -50,8 +51,9 @@ def fit_pixels(encoder, word_ids: torch.Tensor, policy: tuple[str, ...], steps: 
 @torch.no_grad()
 def scores(encoder, images: torch.Tensor, word_ids: torch.Tensor) -> tuple[float, float]:
     """(InfoNCE, top-1 accuracy) of each image picking out its own caption among the batch's."""
-    logits = encoder.embed_images(images) @ encoder.embed_text(word_ids).t()
-    return alignment_loss(encoder, images, word_ids).item(), (logits.argmax(1) == torch.arange(len(images))).float().mean().item()
+    img, txt = encoder.embed_images(images), encoder.embed_text(word_ids)  # once, for both numbers
+    top1 = ((img @ txt.t()).argmax(1) == torch.arange(len(images))).float().mean().item()
+    return contrastive_loss(img, txt, encoder.log_scale).item(), top1
 
 
 def main() -> None:

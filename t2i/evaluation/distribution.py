@@ -88,6 +88,6 @@ def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[st
         excess = log_power_spectrum(images) - reference
         side_y, side_x = excess.shape
         row, column = divmod(int(excess.argmax()), side_x)
-        out[name] = {"peak": float(excess.max()), "peak_at": [row - side_y // 2, column - side_x // 2],
+        out[name] = {"peak": float(excess[row, column]), "peak_at": [row - side_y // 2, column - side_x // 2],
                      "distance": float(excess.abs().mean())}
     return out
