@@ -324,12 +324,9 @@ def validate(cfg: Config) -> None:
         problems.append("optim.lr and optim.disc_lr must be > 0")
     if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
         problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
-    if cfg.model.decoder == "plain" and cfg.model.upsample != "nearest":
-        problems.append("model.upsample: the plain decoder upsamples with transposed convs; "
-                        "'bilinear' needs model.decoder = 'modulated'")
-    if cfg.model.decoder == "plain" and cfg.model.block != "plain":
-        problems.append("model.block: the plain decoder has transposed-conv layers, not blocks; "
-                        "'residual' needs model.decoder = 'modulated'")
+    for key, value, plain in (("model.upsample", cfg.model.upsample, "nearest"), ("model.block", cfg.model.block, "plain")):
+        if cfg.model.decoder == "plain" and value != plain:
+            problems.append(f"{key}: the plain decoder upsamples with transposed convs; {value!r} needs model.decoder = 'modulated'")
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
     if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):

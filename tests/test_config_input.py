@@ -31,7 +31,7 @@ from t2i.config import ConfigError
     ("train.name=..", "must be one folder name"),
     ("model.upsample=bilinear", "model.upsample: the plain decoder upsamples with transposed convs"),
     ("model.upsample=bicubic", "model.upsample"),
-    ("model.block=residual", "model.block: the plain decoder has transposed-conv layers"),
+    ("model.block=residual", "model.block: the plain decoder upsamples with transposed convs"),
     ("model.block=resnet", "model.block"),
 ])
 def test_bad_values_are_refused_by_name(override, says):
