@@ -32,7 +32,7 @@ from t2i.training import encoders
 from t2i.training.augment import diff_augment, parse_policy
 from t2i.training.losses import alignment_loss
 
-POLICIES = ("", "translation,cutout")
+POLICIES = ("", "translation,cutout", "scale,translation,cutout")
 
 
 def fit_pixels(encoder, word_ids: torch.Tensor, policy: tuple[str, ...], steps: int) -> torch.Tensor:

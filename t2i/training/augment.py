@@ -3,6 +3,10 @@
 ops, for images in [0, 1] instead of [-1, 1]). The same policy transforms real and generated
 images, each image with its own random draw, and gradients flow through it to the
 generator, so D cannot memorise a small training set and G is not taught the augmentations.
+
+``scale`` is not a DiffAugment op: it is ADA's isotropic scaling (Karras et al. 2020, "Training
+Generative Adversarial Networks with Limited Data"), for the alignment encoder's view
+(``loss.align_augment``), where an integer shift leaves a periodic texture as readable as before.
 """
 
 from __future__ import annotations
@@ -58,7 +62,18 @@ def cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     return x * mask + 0.5 * (1 - mask)
 
 
-POLICIES = {"color": (brightness, saturation, contrast), "translation": (translation,), "cutout": (cutout,)}
+def scale(x: torch.Tensor, log2_std: float = 0.2) -> torch.Tensor:
+    """Zoom each image about its centre by 2^N(0, 0.2^2) (ADA's isotropic scaling), resampled
+    bilinearly, so a texture's period and phase change from view to view; revealed pixels are
+    mid-grey as in :func:`translation`."""
+    factor = torch.exp2(torch.randn(x.size(0), device=x.device) * log2_std)
+    theta = torch.zeros(x.size(0), 2, 3, dtype=x.dtype, device=x.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / factor  # the grid reads from output coordinates / factor
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - 0.5, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + 0.5
+
+
+POLICIES = {"color": (brightness, saturation, contrast), "translation": (translation,), "cutout": (cutout,), "scale": (scale,)}
 
 
 def parse_policy(policy: str) -> tuple[str, ...]:

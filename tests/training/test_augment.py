@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from t2i import config as config_lib
-from t2i.training.augment import cutout, diff_augment, parse_policy, translation
+from t2i.training.augment import cutout, diff_augment, parse_policy, scale, translation
 
 
 def test_each_op_keeps_the_shape_and_lets_gradients_through():
     torch.manual_seed(0)
     x = torch.rand(6, 3, 16, 16, requires_grad=True)
-    y = diff_augment(x, parse_policy("color,translation,cutout"))
+    y = diff_augment(x, parse_policy("color,translation,cutout,scale"))
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
@@ -27,6 +27,20 @@ def test_translation_shifts_content_and_fills_grey():
     moved = [i for i in range(64) if not torch.equal(y[i], x[i])]
     # What moved in from outside is the reference's zero of [-1, 1] images: mid-grey.
     assert all(((y[i] == 0.5).sum() > 0) for i in moved)
+
+
+def test_scale_zooms_about_the_centre_and_fills_grey():
+    torch.manual_seed(0)
+    x = torch.zeros(64, 1, 32, 32)
+    x[:, :, 12:20, 12:20] = 1.0
+    y = scale(x)
+    mass = y.sum(dim=(1, 2, 3)) - 0.5 * (y == 0.5).sum(dim=(1, 2, 3))   # the square's area, grey fill aside
+    assert mass.std() > 1.0                                                # zoomed by a different factor each
+    assert 64 * 0.5 < mass.mean() < 64 * 2                                 # around 1x (2^N(0, 0.2^2))
+    centre = (y[:, 0, 15:17, 15:17] > 0.9).all(dim=(1, 2))
+    assert centre.all()                                                    # about the centre: it stays put
+    zoomed_out = y[mass < 60]
+    assert len(zoomed_out) and (zoomed_out[:, :, 0, 0] == 0.5).all()      # revealed corners are mid-grey
 
 
 def test_cutout_blanks_a_quarter_with_grey():
