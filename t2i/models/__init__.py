@@ -15,10 +15,7 @@ GENERATORS: dict[str, type[TextToImage]] = {"seed": SeedVAE, "cvae": CVAE, "gan"
 
 def new_generator(cfg: ModelConfig, vocab_size: int, embed_dim: int) -> TextToImage:
     """An untrained generator of ``cfg``'s family and sizes (on torch's current default device)."""
-    return GENERATORS[cfg.family](vocab_size=vocab_size, embed_dim=embed_dim, text_encoder=cfg.text_encoder,
-                                  latent_dim=cfg.latent_dim, hidden=cfg.hidden, width=cfg.width,
-                                  dropout=cfg.dropout, decoder=cfg.decoder, upsample=cfg.upsample,
-                                  block=cfg.block)
+    return GENERATORS[cfg.family](cfg, vocab_size, embed_dim)
 
 
 def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:
@@ -30,8 +27,7 @@ def build_model(cfg: ModelConfig, vectors: np.ndarray) -> TextToImage:
 
 def build_discriminator(cfg: ModelConfig, vectors: np.ndarray) -> Discriminator:
     """The gan family's discriminator, with its own frozen copy of the word table."""
-    critic = Discriminator(vocab_size=vectors.shape[0], embed_dim=vectors.shape[1], text_encoder=cfg.text_encoder,
-                           hidden=cfg.hidden, width=cfg.width)
+    critic = Discriminator(cfg, *vectors.shape)
     critic.text.vectors.copy_(torch.as_tensor(vectors, dtype=torch.float32))
     return critic
 

@@ -25,26 +25,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from t2i.config import ModelConfig
 from t2i.models.base import TextToImage
 from t2i.models.blocks import CaptionEncoder, ModulatedDecoder, bounded_logvar, stride2_convs
 
 
 class GANGenerator(TextToImage):
-    def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", latent_dim: int = 64,
-                 hidden: int = 256, width: int = 32, dropout: float = 0.0, decoder: str = "modulated",
-                 upsample: str = "nearest", block: str = "plain"):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        if decoder != "modulated":
+        if cfg.decoder != "modulated":
             raise ValueError("the gan family always uses model.decoder = 'modulated'")
-        self.condition_dim = latent_dim  # size of c_hat (StackGAN: 128)
-        self.noise_dim = latent_dim      # size of z (StackGAN: 100)
+        self.condition_dim = cfg.latent_dim  # size of c_hat (StackGAN: 128)
+        self.noise_dim = cfg.latent_dim      # size of z (StackGAN: 100)
         self.latent_dim = self.condition_dim + self.noise_dim
-        self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
+        self.text = CaptionEncoder(vocab_size, embed_dim, cfg.text_encoder, cfg.hidden)
         self.augment = nn.Linear(self.text.out_dim, 2 * self.condition_dim)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # What the blocks' affines read: c_hat (StackGAN), or c_hat and z as DF-GAN's blocks do.
-        self.fused_dim = self.latent_dim if block == "residual" else self.condition_dim
-        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, width, upsample, block)
+        self.fused_dim = self.latent_dim if cfg.block == "residual" else self.condition_dim
+        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, cfg.width, cfg.upsample, cfg.block)
 
     def latent_gaussian(self, c: torch.Tensor):
         """StackGAN's conditioning-augmentation Gaussian N(mu(c), sigma(c)) for ``c_hat``,
@@ -68,10 +67,10 @@ class Discriminator(nn.Module):
     image trunk (its NetD: pixels -> a 4x4 feature map, caption-blind) and a joint head (its
     NetC: features + sentence -> logit), so one pass of the trunk serves several captions."""
 
-    def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "pool", hidden: int = 256,
-                 width: int = 32):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
+        width = cfg.width
+        self.text = CaptionEncoder(vocab_size, embed_dim, cfg.text_encoder, cfg.hidden)
         self.image = nn.Sequential(*stride2_convs(width, kernel=4, norm="none"))  # 64 -> 4 pixels
         # DF-GAN's D_GET_LOGITS: concat the sentence vector over the 4x4 map, 3x3 conv, 4x4 conv.
         self.joint = nn.Sequential(nn.Conv2d(8 * width + self.text.out_dim, 2 * width, 3, 1, 1),

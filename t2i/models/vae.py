@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from t2i.config import ModelConfig
 from t2i.models.base import TextToImage
 from t2i.models.blocks import CaptionEncoder, ConvDecoder, ConvEncoder, ModulatedDecoder, bounded_logvar, mlp
 
@@ -46,18 +47,16 @@ class TextToImageVAE(TextToImage):
 
 
 class SeedVAE(TextToImageVAE):
-    def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "mean", latent_dim: int = 128,
-                 hidden: int = 1024, width: int = 80, dropout: float = 0.0, decoder: str = "plain",
-                 upsample: str = "nearest", block: str = "plain"):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        if decoder != "plain" or upsample != "nearest" or block != "plain":
+        if cfg.decoder != "plain" or cfg.upsample != "nearest" or cfg.block != "plain":
             raise ValueError("the seed family's decoder reads only z: use model.decoder = 'plain'")
-        self.latent_dim = latent_dim
-        self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
-        self.body = mlp([self.text.out_dim, hidden, hidden], dropout)
-        self.to_mu = nn.Linear(hidden, latent_dim)
-        self.to_logvar = nn.Linear(hidden, latent_dim)
-        self.decoder = ConvDecoder(latent_dim, width)
+        self.latent_dim, hidden = cfg.latent_dim, cfg.hidden
+        self.text = CaptionEncoder(vocab_size, embed_dim, cfg.text_encoder, hidden)
+        self.body = mlp([self.text.out_dim, hidden, hidden], cfg.dropout)
+        self.to_mu = nn.Linear(hidden, cfg.latent_dim)
+        self.to_logvar = nn.Linear(hidden, cfg.latent_dim)
+        self.decoder = ConvDecoder(cfg.latent_dim, cfg.width)
 
     def encode(self, image: torch.Tensor | None, c: torch.Tensor):
         h = self.body(c)
@@ -77,22 +76,20 @@ class SeedVAE(TextToImageVAE):
 
 
 class CVAE(TextToImageVAE):
-    def __init__(self, vocab_size: int, embed_dim: int, text_encoder: str = "gru", latent_dim: int = 64,
-                 hidden: int = 512, width: int = 48, dropout: float = 0.0, decoder: str = "plain",
-                 upsample: str = "nearest", block: str = "plain"):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        self.latent_dim = latent_dim
-        self.text = CaptionEncoder(vocab_size, embed_dim, text_encoder, hidden)
+        self.latent_dim, hidden, dropout = cfg.latent_dim, cfg.hidden, cfg.dropout
+        self.text = CaptionEncoder(vocab_size, embed_dim, cfg.text_encoder, hidden)
         c_dim = self.text.out_dim
-        self.image_encoder = ConvEncoder(width)
+        self.image_encoder = ConvEncoder(cfg.width)
         self.posterior = nn.Sequential(mlp([self.image_encoder.out_dim + c_dim, hidden], dropout),
-                                       nn.Linear(hidden, 2 * latent_dim))
-        self.prior_net = nn.Sequential(mlp([c_dim, hidden], dropout), nn.Linear(hidden, 2 * latent_dim))
+                                       nn.Linear(hidden, 2 * cfg.latent_dim))
+        self.prior_net = nn.Sequential(mlp([c_dim, hidden], dropout), nn.Linear(hidden, 2 * cfg.latent_dim))
         self.cond = mlp([c_dim, hidden], dropout)
         # "modulated": the caption also scales/shifts every decoder block (DF-GAN's fusion).
-        self.modulated = decoder == "modulated"
-        self.decoder = (ModulatedDecoder(latent_dim + hidden, hidden, width, upsample, block) if self.modulated
-                        else ConvDecoder(latent_dim + hidden, width))
+        self.modulated = cfg.decoder == "modulated"
+        self.decoder = (ModulatedDecoder(cfg.latent_dim + hidden, hidden, cfg.width, cfg.upsample, cfg.block)
+                        if self.modulated else ConvDecoder(cfg.latent_dim + hidden, cfg.width))
 
     def encode(self, image: torch.Tensor, c: torch.Tensor):
         mu, logvar = self.posterior(torch.cat([self.image_encoder(image), c], 1)).chunk(2, dim=1)
