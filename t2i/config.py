@@ -81,6 +81,8 @@ class LossConfig:
     align_augment: str = ""        # gan: those ops (and "scale") on what the alignment-loss encoder scores
                                    # (a new random view each step, so G cannot fit that one encoder's
                                    # blind spots); "" = the images as drawn
+    mode_seeking_weight: float = 0.0  # gan: MSGAN's term (Mao et al. 2019) against draws of one caption
+                                   # collapsing together (a quarter of the batch drawn twice); 0 = off
 
 
 @dataclass
@@ -197,21 +199,21 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"{key}: cannot use {value!r} as {getattr(typ, '__name__', typ)}")
 
 
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def _set(cfg: Config, key: str, value: Any) -> None:
     section_name, _, name = key.partition(".")
     section_names = [f.name for f in fields(Config)]
     if section_name not in section_names or not name:
-        raise ConfigError(
-            f"unknown config key {key!r}; keys look like section.name with section in "
-            f"{section_names}. Valid keys: {', '.join(valid_keys())}"
-        )
+        raise ConfigError(f"unknown config key {key!r}; keys look like section.name with section in "
+                          f"{section_names}. Valid keys: {', '.join(valid_keys())}")
     section = getattr(cfg, section_name)
     types = _section_types(type(section))
     if name not in types:
-        raise ConfigError(
-            f"unknown config key {key!r}. Valid keys in [{section_name}]: "
-            f"{', '.join(sorted(types))}"
-        )
+        raise ConfigError(f"unknown config key {key!r}. Valid keys in [{section_name}]: {', '.join(sorted(types))}")
     coerced = _coerce(key, value, types[name])
     if key in CHOICES and coerced not in CHOICES[key]:
         raise ConfigError(f"{key} must be one of {CHOICES[key]}, got {coerced!r}")
@@ -343,13 +345,9 @@ def validate(cfg: Config) -> None:
         problems.append("data.cache_mb must be >= 0 (0 = always stream)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    if cfg.loss.align_weight < 0:
-        problems.append("loss.align_weight must be >= 0")
-    if cfg.loss.align_weight > 0 and cfg.model.family != "gan":
-        problems.append("loss.align_weight is a gan-family term (the VAEs never use it); set it to 0")
-    if (cfg.loss.augment or cfg.loss.align_augment or cfg.optim.ema_decay) and cfg.model.family != "gan":
-        problems.append("loss.augment, loss.align_augment and optim.ema_decay are gan-family settings; "
-                        "leave them at their defaults")
+    gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "optim.ema_decay")
+    if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key)]):
+        problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at 0 / \"\"")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
     for key, policy in (("loss.augment", cfg.loss.augment), ("loss.align_augment", cfg.loss.align_augment)):
@@ -357,14 +355,12 @@ def validate(cfg: Config) -> None:
             parse_policy(policy)
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
-    for key, value, low in (("optim.grad_clip", cfg.optim.grad_clip, 0), ("optim.weight_decay", cfg.optim.weight_decay, 0),
-                            ("optim.gamma", cfg.optim.gamma, 0), ("loss.gp_weight", cfg.loss.gp_weight, 0),
-                            ("train.cpus_per_worker", cfg.train.cpus_per_worker, 0),
-                            ("train.data_cpu_limit", cfg.train.data_cpu_limit, 0), ("train.torch_threads", cfg.train.torch_threads, 0),
-                            ("train.keep_best", cfg.train.keep_best, 1), ("train.max_failures", cfg.train.max_failures, -1),
-                            ("optim.patience", cfg.optim.patience, 0), ("data.samples_per_prompt", cfg.data.samples_per_prompt, 1),
-                            ("data.shapes_n", cfg.data.shapes_n, MIN_SHAPES), ("loss.kl_warmup_epochs", cfg.loss.kl_warmup_epochs, 0)):
-        if value < low:
+    minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "optim.grad_clip": 0, "optim.weight_decay": 0,
+                "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
+                "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
+                "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0}
+    for key, low in minimums.items():
+        if (value := _get(cfg, key)) < low:
             problems.append(f"{key} must be >= {low}, got {value}" + (" (-1: retry without end)" if low == -1 else ""))
     if cfg.train.name and not SAFE_NAME.fullmatch(cfg.train.name):
         problems.append(f"train.name {cfg.train.name!r} must be one folder name: letters, digits, '.', '_', '-' "

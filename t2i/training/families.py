@@ -39,6 +39,8 @@ from t2i.training.losses import (
     generator_hinge_loss,
     kl_weight,
     matching_aware_gradient_penalty,
+    mode_seeking_loss,
+    other_image_rows,
     pooled_alignment_loss,
     standard_normal_kl,
 )
@@ -215,7 +217,7 @@ class GANFamily(Family):
     G 1e-4, D 4e-4).
     """
 
-    TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
+    TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "mode_seeking", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
     EVAL_TERMS = ("loss", "kl", "align", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
 
     def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None,
@@ -303,10 +305,14 @@ class GANFamily(Family):
                    autocast: Autocast = contextlib.nullcontext) -> dict[str, torch.Tensor]:
         """DF-GAN's step: one generator pass, whose sample D first learns to reject and G
         then learns from (its graph kept for the G step)."""
-        with autocast():
-            fake, mu, logvar = self.model(word_ids)
+        batch = len(word_ids)
+        pairs = batch // MODE_SEEKING_SHARE if self.cfg.loss.mode_seeking_weight > 0 else 0
+        with autocast():  # the first `pairs` captions drawn a second time, in the same pass
+            drawn, mu, logvar = self.model(torch.cat([word_ids, word_ids[:pairs]]))
+        fake, redrawn = drawn[:batch], drawn[batch:]
         d_terms = self.discriminator_step(images, word_ids, fake.detach())
-        return {**self.generator_step(word_ids, fake, mu, logvar), **d_terms}
+        return {**self.generator_step(word_ids, fake, mu[:batch], logvar[:batch], redrawn if pairs else None),
+                **d_terms}
 
     def discriminator_step(self, images: torch.Tensor, word_ids: torch.Tensor,
                            fake: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -323,9 +329,10 @@ class GANFamily(Family):
         return {**{k: v.detach() for k, v in terms.items()}, "gp": penalty.detach()}
 
     def generator_step(self, word_ids: torch.Tensor, fake: torch.Tensor, mu: torch.Tensor,
-                       logvar: torch.Tensor) -> dict[str, torch.Tensor]:
+                       logvar: torch.Tensor, redrawn: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The D step's sample scored by the just-updated discriminator, + beta * KL of the
-        CA Gaussian (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14).
+        CA Gaussian (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14),
+        + mode_seeking_weight * MSGAN's term on ``redrawn``, second draws of the first captions.
         D is used unwrapped and frozen here: its gradients are neither computed nor
         all-reduced (the D step did that)."""
         critic = unwrap(self.discriminator)
@@ -335,13 +342,16 @@ class GANFamily(Family):
             adversarial = generator_hinge_loss(critic.score(seen, critic.encode_text(word_ids)).float())
             kl = standard_normal_kl(mu, logvar)
             align = self._alignment(fake, word_ids)
-            loss = adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+            diverse = mode_seeking_loss(fake[: len(redrawn)], redrawn) if redrawn is not None else fake.new_zeros(())
+            loss = (adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
+                    + self.cfg.loss.mode_seeking_weight * diverse)
             clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
         finally:
             critic.requires_grad_(True)
         if self.ema is not None:
             self.update_ema()
-        return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach()}
+        return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach(),
+                "mode_seeking": diverse.detach()}
 
     @torch.no_grad()
     def eval_terms(self, images: torch.Tensor, word_ids: torch.Tensor,
@@ -360,26 +370,7 @@ class GANFamily(Family):
                 "gen_mse": generation_error(generator, images, word_ids).mean()}
 
 
-def other_image_rows(images: torch.Tensor) -> torch.Tensor:
-    """For each row i, a row showing another image, for the mismatched pair (caption i, that
-    image): DF-GAN's roll of the real features by one (row i + 1), rolled further for rows
-    whose neighbour shows the same image (an evaluation batch holds each image's captions
-    side by side). A batch of one image has no other: the plain roll stands."""
-    n = len(images)
-    pixels = images.detach().flatten(1)
-    rows = torch.arange(n, device=images.device)
-    other = torch.roll(rows, -1)
-    same = (pixels[other] == pixels).all(1)
-    for shift in range(2, n):
-        if not same.any():
-            break
-        candidate = torch.roll(rows, -shift)
-        better = same & ~(pixels[candidate] == pixels).all(1)
-        other = torch.where(better, candidate, other)
-        same &= ~better
-    return other
-
-
+MODE_SEEKING_SHARE = 4  # a quarter of each batch is drawn twice: +25% generator work, not MSGAN's +100%
 DEV_ALIGN_DISTRACTORS = 99  # dev_align ranks each caption among 100, as R-precision does
 
 FAMILIES: dict[str, type[Family]] = {"seed": VAEFamily, "cvae": VAEFamily, "gan": GANFamily}

@@ -79,6 +79,26 @@ def discriminator_hinge_loss(real: torch.Tensor, mismatched: torch.Tensor, fake:
             "d_mismatch": mismatch_term, "d_fake": fake_term}
 
 
+def other_image_rows(images: torch.Tensor) -> torch.Tensor:
+    """For each row i, a row showing another image, for the mismatched pair (caption i, that
+    image): DF-GAN's roll of the real features by one (row i + 1), rolled further for rows
+    whose neighbour shows the same image (an evaluation batch holds each image's captions
+    side by side). A batch of one image has no other: the plain roll stands."""
+    n = len(images)
+    pixels = images.detach().flatten(1)
+    rows = torch.arange(n, device=images.device)
+    other = torch.roll(rows, -1)
+    same = (pixels[other] == pixels).all(1)
+    for shift in range(2, n):
+        if not same.any():
+            break
+        candidate = torch.roll(rows, -shift)
+        better = same & ~(pixels[candidate] == pixels).all(1)
+        other = torch.where(better, candidate, other)
+        same &= ~better
+    return other
+
+
 def generator_hinge_loss(fake: torch.Tensor) -> torch.Tensor:
     """-E[D(G(z, c), c)] (DF-GAN eq. 2)."""
     return -fake.mean()
@@ -119,3 +139,13 @@ def alignment_loss(encoder: DualEncoder, images: torch.Tensor, word_ids: torch.T
     image (symmetric InfoNCE at the encoder's learned temperature; AttnGAN's gamma_3 = 10).
     Gradients reach the images only."""
     return contrastive_loss(encoder.embed_images(images), encoder.embed_text(word_ids), encoder.log_scale)
+
+
+def mode_seeking_loss(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019, "Mode Seeking Generative Adversarial Networks
+    for Diverse Image Synthesis", eq. 3, as its StackGAN++ code adds it to G's loss):
+    1 / (mean |G(c, z1) - G(c, z2)| + eps) over images drawn twice for the same captions, so the
+    draws of one caption cannot all collapse into one picture. The reference also divides the
+    image distance by mean |z1 - z2|, a constant (~2/sqrt(pi)) for many-dimensional standard
+    normal draws; left out because the CA part of the latent has a learned scale it would shrink."""
+    return 1.0 / ((first.float() - second.float()).abs().mean() + eps)

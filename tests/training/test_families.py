@@ -15,7 +15,7 @@ from t2i.models.blocks import bounded_logvar
 from t2i.models.vae import VAEOutput
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training.encoders import EncoderRecipe, mirror_ids, train_dual_encoder
-from t2i.training.families import GANFamily, make_family, other_image_rows
+from t2i.training.families import GANFamily, make_family
 from t2i.training.losses import (
     alignment_loss,
     discriminator_hinge_loss,
@@ -23,6 +23,8 @@ from t2i.training.losses import (
     gaussian_kl,
     kl_weight,
     matching_aware_gradient_penalty,
+    mode_seeking_loss,
+    other_image_rows,
     pooled_alignment_loss,
 )
 from t2i.training.optim import extend_schedule, make_optimizer
@@ -377,6 +379,35 @@ def test_alignment_loss_pulls_generated_images_toward_their_own_captions(shapes_
     assert family._alignment(images, word_ids).item() == family._alignment(images, word_ids).item()
     with pytest.raises(config_lib.ConfigError, match="align_weight"):
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.align_weight=1.0"])
+
+
+def test_mode_seeking_term_pushes_two_draws_of_a_caption_apart(shapes_dir, monkeypatch):
+    """MSGAN's term: large when two draws of one caption coincide, and stepping G on it moves
+    them apart; the family draws a quarter of the batch twice only when its weight is on."""
+    same = torch.full((2, 3, 4, 4), 0.5)
+    assert mode_seeking_loss(same, same).item() > 1e4
+    assert mode_seeking_loss(same, same + 0.5).item() == pytest.approx(2.0, rel=1e-3)
+    torch.manual_seed(0)
+    vocab = load_vocabulary(shapes_dir)
+    _, word_ids = fixed_batch(shapes_dir, 16)
+    for weight, drawn in ((0.0, 16), (5.0, 20)):
+        family = family_for("gan.toml", vocab.vectors, *TINY_GAN, f"loss.mode_seeking_weight={weight}")
+        sizes = []
+        generate = family.model.forward
+        monkeypatch.setattr(family.model, "forward",
+                            lambda ids, generate=generate, sizes=sizes: sizes.append(len(ids)) or generate(ids))
+        terms = family.train_step(fixed_batch(shapes_dir, 16)[0], word_ids, 0.0)
+        assert sizes == [drawn] and (terms["mode_seeking"].item() > 0) == (weight > 0)
+    family.optimizers["model"].param_groups[0]["lr"] = 2e-3
+    gaps = []
+    for _ in range(15):
+        fake, mu, logvar = family.model(torch.cat([word_ids, word_ids[:4]]))
+        gaps.append(1 / family.generator_step(word_ids, fake[:16], mu[:16], logvar[:16], fake[16:])["mode_seeking"].item())
+    assert np.mean(gaps[-3:]) > np.mean(gaps[:3]), gaps  # mean |draw 1 - draw 2| grew
+    with pytest.raises(config_lib.ConfigError, match="mode_seeking_weight: gan-family"):
+        config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.mode_seeking_weight=1.0"])
+    with pytest.raises(config_lib.ConfigError, match="mode_seeking_weight must be >= 0"):
+        config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.mode_seeking_weight=-1"])
 
 
 def test_state_digest_sees_any_change_but_not_memory_layout():
