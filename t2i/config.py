@@ -77,7 +77,7 @@ class LossConfig:
     align_weight: float = 0.0      # gan: DAMSM-style sentence loss weight (AttnGAN's lambda), from a
                                    # separately trained encoder, never the evaluation judge; 0 = off
     augment: str = ""              # gan: DiffAugment policy for all D sees, e.g. "translation,cutout"
-                                   # (ops: color, translation, cutout; Zhao et al. 2020); "" = off
+                                   # (ops: color, translation, cutout (Zhao et al. 2020), scale (ADA)); "" = off
     align_augment: str = ""        # gan: those ops (and "scale") on what the alignment-loss encoder scores
                                    # (a new random view each step, so G cannot fit that one encoder's
                                    # blind spots); "" = the images as drawn

@@ -5,7 +5,7 @@ images, each image with its own random draw, and gradients flow through it to th
 generator, so D cannot memorise a small training set and G is not taught the augmentations.
 
 ``scale`` is not a DiffAugment op: it is ADA's isotropic scaling (Karras et al. 2020, "Training
-Generative Adversarial Networks with Limited Data"), for the alignment encoder's view
+Generative Adversarial Networks with Limited Data"), written for the alignment encoder's view
 (``loss.align_augment``), where an integer shift leaves a periodic texture as readable as before.
 """
 
