@@ -1,0 +1,83 @@
+"""A diagnostic, not a timing: where a checkpoint's power-spectrum excess over real photos lies,
+and whether it is an upsampling replica.
+
+``evaluate``'s grid check reports the largest excess (``spectrum_peak``, ``spectrum_peak_at``).
+This lists the largest few and, for each, the chain of frequencies the generator's nearest 2x
+upsamplings (8 -> 16 -> 32 -> 64 pixels) would have copied it from: a frequency a side-s map
+cannot hold (|f| >= s/2 cycles per image) is the copy of f - s * sign(f) on that axis, and
+nearest upsampling repeats the coarse spectrum there, damped only by its 2-pixel hold and
+whatever the next 3x3 convolution filters (Durall et al. 2020, "Watch your Up-Convolution").
+Printed per frequency: log10 power of the generated draws and of the real test photos along
+the chain, so a replica shows as an excess that its source carries too.
+
+    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch
+
+from t2i.data.dataset import load_manifest, read_split_arrays, to_float
+from t2i.evaluation.distribution import log_power_spectrum
+from t2i.training import checkpoint as ckpt_lib
+
+COARSE_SIDES = (32, 16, 8)  # the maps the generator's blocks upsample, last first
+
+
+def upsampling_chain(fy: int, fx: int) -> list[tuple[int, int]]:
+    """[(fy, fx), its source in the 32-pixel map, that one's in the 16-pixel map, ...] as far
+    as a nearest 2x upsampling could have copied it (a frequency the coarser map holds stops)."""
+    chain = [(fy, fx)]
+    for side in COARSE_SIDES:
+        source = tuple(f - side * (1 if f > 0 else -1) if abs(f) >= side // 2 else f for f in chain[-1])
+        if source == chain[-1]:
+            break
+        chain.append(source)
+    return chain
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="a run folder (its best checkpoint) or a model.pt")
+    parser.add_argument("--data", default=str(REPO / "data" / "f8k"), help="a prepared data set")
+    parser.add_argument("--captions", type=int, default=1000, help="test captions, one random draw each")
+    parser.add_argument("--top", type=int, default=6, help="how many of the largest excesses to list")
+    args = parser.parse_args()
+    model = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint)).model.eval()
+    test = read_split_arrays(args.data, load_manifest(args.data), "test")
+    ids = torch.tensor(test["word_ids"][: args.captions]).long()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        drawn = torch.cat([model.sample(ids[i: i + 250])[:, 0] for i in range(0, len(ids), 250)])
+    fake, real = log_power_spectrum(drawn), log_power_spectrum(to_float(test["images"]))
+    side, centre = fake.shape[1], fake.shape[1] // 2
+    excess = (fake - real).flatten()
+    # Real images' spectra are point-symmetric: list one of each +-f pair.
+    listed: list[tuple[int, int]] = []
+    for index in excess.argsort(descending=True).tolist():
+        fy, fx = index // side - centre, index % side - centre
+        if (-fy, -fx) not in listed:
+            listed.append((fy, fx))
+        if len(listed) == args.top:
+            break
+
+    def power(spectrum: torch.Tensor, f: tuple[int, int]) -> float:
+        return float(spectrum[f[0] + centre, f[1] + centre])
+
+    print(f"{len(ids)} draws against {len(test['images'])} real test images; log10 power per frequency "
+          f"(cycles per {side} px)")
+    for f in listed:
+        chain = upsampling_chain(*f)
+        print(f"{f!s:>10s}: excess {power(fake, f) - power(real, f):+.2f}" + "".join(
+            f"{' <- ' if i else ' | '}{g}: generated {power(fake, g):.2f}, real {power(real, g):.2f}"
+            for i, g in enumerate(chain)))
+
+if __name__ == "__main__":
+    main()
