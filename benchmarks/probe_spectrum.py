@@ -79,5 +79,6 @@ def main() -> None:
             f"{' <- ' if i else ' | '}{g}: generated {power(fake, g):.2f}, real {power(real, g):.2f}"
             for i, g in enumerate(chain)))
 
+
 if __name__ == "__main__":
     main()

@@ -326,8 +326,8 @@ def validate(cfg: Config) -> None:
         problems.append("optim.lr and optim.disc_lr must be > 0")
     if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
         problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
-    for key, value, plain in (("model.upsample", cfg.model.upsample, "nearest"), ("model.block", cfg.model.block, "plain")):
-        if cfg.model.decoder == "plain" and value != plain:
+    for key, plain in (("model.upsample", "nearest"), ("model.block", "plain")):
+        if cfg.model.decoder == "plain" and (value := _get(cfg, key)) != plain:
             problems.append(f"{key}: the plain decoder upsamples with transposed convs; {value!r} needs model.decoder = 'modulated'")
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
@@ -350,9 +350,9 @@ def validate(cfg: Config) -> None:
         problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at 0 / \"\"")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
-    for key, policy in (("loss.augment", cfg.loss.augment), ("loss.align_augment", cfg.loss.align_augment)):
+    for key in ("loss.augment", "loss.align_augment"):
         try:
-            parse_policy(policy)
+            parse_policy(_get(cfg, key))
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "optim.grad_clip": 0, "optim.weight_decay": 0,

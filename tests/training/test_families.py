@@ -389,14 +389,14 @@ def test_mode_seeking_term_pushes_two_draws_of_a_caption_apart(shapes_dir, monke
     assert mode_seeking_loss(same, same + 0.5).item() == pytest.approx(2.0, rel=1e-3)
     torch.manual_seed(0)
     vocab = load_vocabulary(shapes_dir)
-    _, word_ids = fixed_batch(shapes_dir, 16)
+    images, word_ids = fixed_batch(shapes_dir, 16)
     for weight, drawn in ((0.0, 16), (5.0, 20)):
         family = family_for("gan.toml", vocab.vectors, *TINY_GAN, f"loss.mode_seeking_weight={weight}")
         sizes = []
         generate = family.model.forward
         monkeypatch.setattr(family.model, "forward",
                             lambda ids, generate=generate, sizes=sizes: sizes.append(len(ids)) or generate(ids))
-        terms = family.train_step(fixed_batch(shapes_dir, 16)[0], word_ids, 0.0)
+        terms = family.train_step(images, word_ids, 0.0)
         assert sizes == [drawn] and (terms["mode_seeking"].item() > 0) == (weight > 0)
     family.optimizers["model"].param_groups[0]["lr"] = 2e-3
     gaps = []
