@@ -83,6 +83,8 @@ class LossConfig:
                                    # blind spots); "" = the images as drawn
     mode_seeking_weight: float = 0.0  # gan: MSGAN's term (Mao et al. 2019) against draws of one caption
                                    # collapsing together (a quarter of the batch drawn twice); 0 = off
+    spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the real batch's
+                                   # (Durall et al. 2020's spectral regularisation); 0 = off
 
 
 @dataclass
@@ -345,7 +347,8 @@ def validate(cfg: Config) -> None:
         problems.append("data.cache_mb must be >= 0 (0 = always stream)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "optim.ema_decay")
+    gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight",
+                "loss.spectrum_weight", "optim.ema_decay")
     if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key)]):
         problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at 0 / \"\"")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
@@ -355,7 +358,7 @@ def validate(cfg: Config) -> None:
             parse_policy(_get(cfg, key))
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
-    minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "optim.grad_clip": 0, "optim.weight_decay": 0,
+    minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "loss.spectrum_weight": 0, "optim.grad_clip": 0, "optim.weight_decay": 0,
                 "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
                 "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
                 "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0}

@@ -45,6 +45,7 @@ from t2i.training.losses import (
     standard_normal_kl,
 )
 from t2i.training.optim import clip_and_step, extend_schedule, make_optimizer, make_scheduler
+from t2i.training.spectrum import SpectrumTracker
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -217,7 +218,7 @@ class GANFamily(Family):
     G 1e-4, D 4e-4).
     """
 
-    TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "mode_seeking", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
+    TRAIN_TERMS = ("loss", "g_adv", "kl", "align", "mode_seeking", "spectrum", "gp", "d_loss", "d_real", "d_mismatch", "d_fake")
     EVAL_TERMS = ("loss", "kl", "align", "d_loss", "d_real", "d_mismatch", "d_fake", "gen_mse")
 
     def __init__(self, cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None,
@@ -229,6 +230,7 @@ class GANFamily(Family):
         # The averaged generator samples, ranks checkpoints and is what model.pt holds; the
         # trained one is kept in the training state for resuming.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
+        self.spectra = SpectrumTracker(cfg.model.image_size) if cfg.loss.spectrum_weight > 0 else None
         if cfg.loss.align_weight > 0 and alignment_encoder is None:
             raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
                              "(t2i.training.encoders.ALIGNMENT_LOSS)")
@@ -267,11 +269,15 @@ class GANFamily(Family):
         super().move_frozen_helpers(device)
         if self.ema is not None:
             self.ema.to(device, memory_format=torch.channels_last)
+        if self.spectra is not None:
+            self.spectra.to(device)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.ema is not None:  # model.pt's `model` holds the average
             state["networks"]["trained_generator"] = unwrap(self.model).state_dict()
+        if self.spectra is not None:  # the spectral term's running spectra
+            state["spectra"] = self.spectra.state_dict()
         return state
 
     def load_networks(self, state: dict) -> None:
@@ -283,6 +289,8 @@ class GANFamily(Family):
             self.ema.load_state_dict(state["model"])
         for name, weights in networks.items():
             self.networks()[name].load_state_dict(weights)
+        if self.spectra is not None and "spectra" in state["training"]:
+            self.spectra.load_state_dict(state["training"]["spectra"])
 
     def _dev_alignment(self, images: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
         """dev_align: each pair against the fixed distractor pool (never the batch's captions)."""
@@ -311,8 +319,8 @@ class GANFamily(Family):
             drawn, mu, logvar = self.model(torch.cat([word_ids, word_ids[:pairs]]))
         fake, redrawn = drawn[:batch], drawn[batch:]
         d_terms = self.discriminator_step(images, word_ids, fake.detach())
-        return {**self.generator_step(word_ids, fake, mu[:batch], logvar[:batch], redrawn if pairs else None),
-                **d_terms}
+        return {**self.generator_step(word_ids, fake, mu[:batch], logvar[:batch], redrawn if pairs else None,
+                                      images), **d_terms}
 
     def discriminator_step(self, images: torch.Tensor, word_ids: torch.Tensor,
                            fake: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -329,10 +337,12 @@ class GANFamily(Family):
         return {**{k: v.detach() for k, v in terms.items()}, "gp": penalty.detach()}
 
     def generator_step(self, word_ids: torch.Tensor, fake: torch.Tensor, mu: torch.Tensor,
-                       logvar: torch.Tensor, redrawn: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       logvar: torch.Tensor, redrawn: torch.Tensor | None = None,
+                       real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The D step's sample scored by the just-updated discriminator, + beta * KL of the
         CA Gaussian (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14),
-        + mode_seeking_weight * MSGAN's term on ``redrawn``, second draws of the first captions.
+        + mode_seeking_weight * MSGAN's term on ``redrawn``, second draws of the first captions,
+        + spectrum_weight * Durall et al.'s spectral term against the ``real`` batch.
         D is used unwrapped and frozen here: its gradients are neither computed nor
         all-reduced (the D step did that)."""
         critic = unwrap(self.discriminator)
@@ -343,15 +353,16 @@ class GANFamily(Family):
             kl = standard_normal_kl(mu, logvar)
             align = self._alignment(fake, word_ids)
             diverse = mode_seeking_loss(fake[: len(redrawn)], redrawn) if redrawn is not None else fake.new_zeros(())
+            spectrum = self.spectra(fake, real) if self.spectra is not None and real is not None else fake.new_zeros(())
             loss = (adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
-                    + self.cfg.loss.mode_seeking_weight * diverse)
+                    + self.cfg.loss.mode_seeking_weight * diverse + self.cfg.loss.spectrum_weight * spectrum)
             clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
         finally:
             critic.requires_grad_(True)
         if self.ema is not None:
             self.update_ema()
         return {"loss": loss.detach(), "g_adv": adversarial.detach(), "kl": kl.detach(), "align": align.detach(),
-                "mode_seeking": diverse.detach()}
+                "mode_seeking": diverse.detach(), "spectrum": spectrum.detach()}
 
     @torch.no_grad()
     def eval_terms(self, images: torch.Tensor, word_ids: torch.Tensor,

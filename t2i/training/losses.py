@@ -10,7 +10,8 @@ for Text-to-Image Synthesis", eq. 1-2): hinge losses with a matching-aware term 
 discriminator must reject real images paired with mismatched captions (the idea of Reed et
 al. 2016, GAN-INT-CLS) -- and the matching-aware zero-centred gradient penalty (MA-GP) on
 real images with their own captions; plus StackGAN's conditioning-augmentation KL and
-AttnGAN's sentence alignment loss from a frozen dual encoder.
+AttnGAN's sentence alignment loss from a frozen dual encoder and MSGAN's mode-seeking term
+(Durall et al.'s spectral term, which keeps state, is in t2i.training.spectrum).
 """
 
 from __future__ import annotations
@@ -149,3 +150,4 @@ def mode_seeking_loss(first: torch.Tensor, second: torch.Tensor, eps: float = 1e
     image distance by mean |z1 - z2|, a constant (~2/sqrt(pi)) for many-dimensional standard
     normal draws; left out because the CA part of the latent has a learned scale it would shrink."""
     return 1.0 / ((first.float() - second.float()).abs().mean() + eps)
+

@@ -28,6 +28,7 @@ from t2i.training.losses import (
     pooled_alignment_loss,
 )
 from t2i.training.optim import extend_schedule, make_optimizer
+from t2i.training.spectrum import SpectrumTracker
 
 TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "loss.align_weight=0"]
 
@@ -408,6 +409,38 @@ def test_mode_seeking_term_pushes_two_draws_of_a_caption_apart(shapes_dir, monke
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.mode_seeking_weight=1.0"])
     with pytest.raises(config_lib.ConfigError, match="mode_seeking_weight must be >= 0"):
         config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.mode_seeking_weight=-1"])
+
+
+def test_spectrum_term_tracks_the_gap_and_pulls_the_draws_toward_the_real_spectrum(shapes_dir):
+    """Durall et al.'s term, against running spectra: zero for one spectrum, large for a
+    checkerboard (an upsampling grid's power at one frequency); stepping G on it brings the
+    draws' spectrum toward the real batch's; its spectra resume with the run; the family adds
+    it only when its weight is on."""
+    torch.manual_seed(0)
+    vocab = load_vocabulary(shapes_dir)
+    images, word_ids = fixed_batch(shapes_dir, 16)
+    assert SpectrumTracker(64)(images, images).item() == pytest.approx(0.0, abs=1e-9)
+    checker = (torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2
+    gridded = (images + 0.2 * checker).clamp(0, 1)
+    assert SpectrumTracker(64)(gridded, images).item() > 10 * SpectrumTracker(64)(images.flip(3), images).item()
+    for weight in (0.0, 5.0):
+        family = family_for("gan.toml", vocab.vectors, *TINY_GAN, f"loss.spectrum_weight={weight}")
+        terms = family.train_step(images, word_ids, 0.0)
+        assert (terms["spectrum"].item() > 0) == (weight > 0) and ("spectra" in family.state_dict()) == (weight > 0)
+    family.spectra.momentum = 0.5
+    family.optimizers["model"].param_groups[0]["lr"] = 2e-3
+    gaps = []
+    for _ in range(15):
+        fake, mu, logvar = family.model(word_ids)
+        gaps.append(family.generator_step(word_ids, fake, mu, logvar, real=images)["spectrum"].item())
+    assert np.mean(gaps[-3:]) < 0.5 * np.mean(gaps[:3]), gaps
+    resumed = family_for("gan.toml", vocab.vectors, *TINY_GAN, "loss.spectrum_weight=5")
+    resumed.load_networks({"model": family.model.state_dict(), "training": family.state_dict()})
+    assert torch.equal(resumed.spectra.fake, family.spectra.fake) and resumed.spectra.steps == 16
+    with pytest.raises(config_lib.ConfigError, match="spectrum_weight: gan-family"):
+        config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_weight=1.0"])
+    with pytest.raises(config_lib.ConfigError, match="spectrum_weight must be >= 0"):
+        config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weight=-1"])
 
 
 def test_state_digest_sees_any_change_but_not_memory_layout():
