@@ -21,7 +21,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from t2i.models.dual_encoder import DualEncoder
-from t2i.training.spectrum import mean_power_spectrum
+from t2i.training.spectrum import EPS, mean_power_spectrum
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
@@ -73,7 +73,7 @@ def judge_distances(judge: DualEncoder, real: torch.Tensor, sets: dict[str, torc
 def log_power_spectrum(images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (H, W) log10 of the mean power spectrum of the luminance
     (each image's mean removed; zero frequency at the centre)."""
-    return torch.log10(mean_power_spectrum(images) + 1e-8)
+    return torch.log10(mean_power_spectrum(images) + EPS)
 
 
 def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:

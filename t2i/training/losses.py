@@ -150,4 +150,3 @@ def mode_seeking_loss(first: torch.Tensor, second: torch.Tensor, eps: float = 1e
     image distance by mean |z1 - z2|, a constant (~2/sqrt(pi)) for many-dimensional standard
     normal draws; left out because the CA part of the latent has a learned scale it would shrink."""
     return 1.0 / ((first.float() - second.float()).abs().mean() + eps)
-
