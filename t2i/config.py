@@ -57,9 +57,9 @@ class ModelConfig:
     # "plain": z -> transposed convs (the seed's); "modulated": the caption also scales and
     # shifts every decoder block (DF-GAN's affine fusion; cvae only, always on for gan).
     decoder: str = "plain"
-    # the modulated decoder's x2 upsampling: "nearest" (StackGAN's, DF-GAN's) or "bilinear", a
-    # low-pass against nearest's spectral copies (Durall et al. 2020); on Flickr8k's gan it halved
-    # the grid's peak but blurred and misaligned the draws (docs/results.md), so nearest stays
+    # the modulated decoder's x2 upsampling: "nearest" (StackGAN's, DF-GAN's), or a low-pass
+    # against nearest's spectral copies (Durall et al. 2020): "bilinear" (on Flickr8k's gan it
+    # blurred the draws, docs/results.md) or "lanczos" (a windowed sinc, flat pass band)
     upsample: str = "nearest"
     # the modulated decoder's blocks: "plain" (upsample, one conv, BN, one caption affine) or
     # "residual" (DF-GAN's: two fused convs and a shortcut per block, no BN; ~1.6x the convs)
@@ -148,7 +148,7 @@ CHOICES = {
     "model.family": ("seed", "cvae", "gan"),
     "model.text_encoder": ("mean", "pool", "gru"),
     "model.decoder": ("plain", "modulated"),
-    "model.upsample": ("nearest", "bilinear"),
+    "model.upsample": ("nearest", "bilinear", "lanczos"),
     "model.block": ("plain", "residual"),
     "loss.likelihood": ("gaussian", "bernoulli"),
     "optim.name": ("rmsprop", "adam"),

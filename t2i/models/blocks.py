@@ -6,6 +6,8 @@ state dict carries everything needed to embed a prompt.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -141,7 +143,51 @@ class TextAffine(nn.Module):
         return x * (1 + self.scale(cond)[:, :, None, None]) + self.shift(cond)[:, :, None, None]
 
 
+LANCZOS_A = 3  # lobes of the Lanczos kernel: 6 coarse taps per output pixel
+
+
+def lanczos_phases(a: int = LANCZOS_A) -> torch.Tensor:
+    """(2, 2a + 1) weights of a x2 Lanczos upsampling (a windowed sinc, sinc(d) sinc(d / a);
+    Turkowski 1990), one row per output phase: fine pixels sit at coarse positions n -+ 0.25
+    (``align_corners=False``), each row reads coarse pixels n - a .. n + a, normalised to sum 1."""
+    taps = torch.arange(-a, a + 1, dtype=torch.float64)
+    rows = []
+    for offset in (-0.25, 0.25):
+        d = offset - taps
+        weights = torch.where(d.abs() < a, torch.sinc(d) * torch.sinc(d / a), torch.zeros_like(d))
+        rows.append(weights / weights.sum())
+    return torch.stack(rows).float()
+
+
+@functools.cache
+def lanczos_matrix(size: int) -> torch.Tensor:
+    """(size, 2 size): x @ M upsamples the last axis of x by 2 through :func:`lanczos_phases`,
+    edge pixels replicated (taps beyond the border read the border pixel)."""
+    phases = lanczos_phases()
+    a = (phases.shape[1] - 1) // 2
+    matrix = torch.zeros(size, 2 * size)
+    for n in range(size):
+        for phase in (0, 1):
+            for k in range(-a, a + 1):
+                matrix[min(max(n + k, 0), size - 1), 2 * n + phase] += phases[phase, k + a]
+    return matrix
+
+
+def lanczos_upsample2x(x: torch.Tensor) -> torch.Tensor:
+    """x2 upsampling through a Lanczos-3 low-pass, separable, edges replicated. Against nearest's
+    copies of the coarse spectrum (power -0.5 to -1 decade) it leaves -3 to -4 decades, and keeps
+    the pass band flat to 0.6 of the coarse Nyquist frequency where bilinear already loses 20 %
+    of the amplitude: the filtered upsampling of StyleGAN3 (Karras et al. 2021), a windowed sinc,
+    without its filtered nonlinearities. Two small dense matmuls: on CPU far faster than
+    depthwise convolutions."""
+    rows = lanczos_matrix(x.shape[2]).to(x.device, x.dtype)
+    columns = lanczos_matrix(x.shape[3]).to(x.device, x.dtype)
+    return torch.matmul(rows.t(), torch.matmul(x, columns))
+
+
 def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "lanczos":
+        return lanczos_upsample2x(x)
     return nn.functional.interpolate(x, scale_factor=2, mode=mode,
                                      **({"align_corners": False} if mode == "bilinear" else {}))
 
