@@ -633,7 +633,7 @@ def test_bilinear_upsampling_leaves_the_decoder_less_high_frequency_power_than_n
     from t2i.models.blocks import ModulatedDecoder
 
     high_share = {}
-    for mode in ("nearest", "bilinear"):
+    for mode in ("nearest", "bilinear", "lanczos"):
         torch.manual_seed(0)
         decoder = ModulatedDecoder(32, 16, 8, mode).eval()
         torch.manual_seed(1)
@@ -644,3 +644,29 @@ def test_bilinear_upsampling_leaves_the_decoder_less_high_frequency_power_than_n
         ring = torch.maximum(offsets[:, None], offsets[None, :]) >= side // 4  # the upper half of frequencies
         high_share[mode] = float(power[ring].sum() / power.sum())
     assert high_share["bilinear"] < 0.5 * high_share["nearest"], high_share
+    assert high_share["lanczos"] < 0.5 * high_share["nearest"], high_share
+
+
+def test_lanczos_upsampling_keeps_the_pass_band_and_removes_the_copies():
+    """A cosine of f cycles across a 32-pixel map, upsampled x2 (along either axis): its own
+    frequency keeps its amplitude (bilinear's falls) and its copy at 32 - f, nearest's grid,
+    is nearly gone. Same phase as bilinear (align_corners=False); a constant stays constant."""
+    from t2i.models.blocks import upsample2x
+
+    side = 32
+    for f in (4, 8):
+        wave = torch.cos(2 * torch.pi * f * torch.arange(side) / side)
+        for other_axis, image in ((-2, wave.repeat(side, 1)), (-1, wave[:, None].repeat(1, side))):
+            amplitude = {}
+            for mode in ("nearest", "bilinear", "lanczos"):
+                line = upsample2x(image[None, None], mode)[0, 0].select(other_axis, 5)  # along the wave
+                spectrum = torch.fft.fft(line).abs() / side
+                amplitude[mode] = (float(spectrum[f]), float(spectrum[side - f]))
+            (own, copy), (bilinear_own, _), (_, nearest_copy) = amplitude["lanczos"], amplitude["bilinear"], amplitude["nearest"]
+            assert abs(own - 1) < 0.01 and own > bilinear_own + 0.05, amplitude
+            assert copy < 0.015 and nearest_copy > 0.19, amplitude
+    ramp = torch.linspace(0, 1, 16).repeat(16, 1)[None, None]
+    bilinear = torch.nn.functional.interpolate(ramp, scale_factor=2, mode="bilinear", align_corners=False)
+    assert torch.allclose(upsample2x(ramp, "lanczos")[..., 4:-4], bilinear[..., 4:-4], atol=5e-3)
+    constant = upsample2x(torch.full((2, 3, 4, 4), 0.3), "lanczos")
+    assert constant.shape == (2, 3, 8, 8) and torch.allclose(constant, torch.full_like(constant, 0.3), atol=1e-6)
