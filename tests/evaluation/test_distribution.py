@@ -41,10 +41,18 @@ def test_the_spectrum_check_sees_an_upsampling_grid(shapes_images):
     real, other = images[:half], images[half:]
     blurred = F.interpolate(F.interpolate(other, scale_factor=0.5, mode="bilinear"), size=other.shape[-2:],
                             mode="bilinear")
+    mean = other.mean(dim=(1, 2, 3), keepdim=True)
+    contrasty = (other - mean) * 3 + mean  # 9x the power at every frequency, no grid
     out = spectrum_check(real, {"real": other, "grid2": with_upsampling_grid(other),
-                                "grid4": with_upsampling_grid(other, period=4, amplitude=0.02), "blurred": blurred})
-    assert out["real"]["peak"] < 0.7
+                                "grid4": with_upsampling_grid(other, period=4, amplitude=0.02), "blurred": blurred,
+                                "contrasty": contrasty})
+    assert out["real"]["peak"] < 0.7 and out["real"]["spike"] < 0.7
     assert out["grid2"]["peak"] > 1.2 and out["grid4"]["peak"] > 1.2  # 1% brightness, 16x the real power
+    assert out["grid2"]["spike"] > 1.2 and out["grid4"]["spike"] > 1.2  # ... at isolated frequencies
+    assert out["grid2"]["spike_at"] == out["grid2"]["peak_at"]
+    # A broad excess reaches the peak but not the spike: only a grid's power swings between neighbours.
+    assert out["contrasty"]["peak"] > out["real"]["peak"] + 0.9, out
+    assert abs(out["contrasty"]["spike"] - out["real"]["spike"]) < 0.05, out
     # Where: a period of 2 pixels sits at 32 cycles per 64-pixel image, a period of 4 at 16 or 32.
     assert {abs(f) for f in out["grid2"]["peak_at"]} <= {0, 32} and any(out["grid2"]["peak_at"])
     assert {abs(f) for f in out["grid4"]["peak_at"]} <= {0, 16, 32} and any(out["grid4"]["peak_at"])
