@@ -10,7 +10,10 @@ whatever the next 3x3 convolution filters (Durall et al. 2020, "Watch your Up-Co
 Printed per frequency: log10 power of the generated draws and of the real test photos along
 the chain, so a replica shows as an excess that its source carries too.
 
-    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6]
+With ``--rank spike`` the frequencies are ranked by their excess above their 8 neighbours'
+(``spectrum_spike``: a grid's swing, which a broad excess of contrast does not have).
+
+    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike]
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch
 
 from t2i.data.dataset import load_manifest, read_split_arrays, to_float
-from t2i.evaluation.distribution import log_power_spectrum
+from t2i.evaluation.distribution import isolated_excess, log_power_spectrum
 from t2i.training import checkpoint as ckpt_lib
 
 COARSE_SIDES = (32, 16, 8)  # the maps the generator's blocks upsample, last first
@@ -49,6 +52,8 @@ def main() -> None:
     parser.add_argument("--data", default=str(REPO / "data" / "f8k"), help="a prepared data set")
     parser.add_argument("--captions", type=int, default=1000, help="test captions, one random draw each")
     parser.add_argument("--top", type=int, default=6, help="how many of the largest excesses to list")
+    parser.add_argument("--rank", choices=("peak", "spike"), default="peak",
+                        help="rank by the excess (peak) or by the excess above the neighbours' (spike)")
     args = parser.parse_args()
     model = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint)).model.eval()
     test = read_split_arrays(args.data, load_manifest(args.data), "test")
@@ -58,10 +63,11 @@ def main() -> None:
         drawn = torch.cat([model.sample(ids[i: i + 250])[:, 0] for i in range(0, len(ids), 250)])
     fake, real = log_power_spectrum(drawn), log_power_spectrum(to_float(test["images"]))
     side, centre = fake.shape[1], fake.shape[1] // 2
-    excess = (fake - real).flatten()
+    excess = fake - real
+    ranked = (isolated_excess(excess) if args.rank == "spike" else excess).flatten()
     # Real images' spectra are point-symmetric: list one of each +-f pair.
     listed: list[tuple[int, int]] = []
-    for index in excess.argsort(descending=True).tolist():
+    for index in ranked.argsort(descending=True).tolist():
         fy, fx = index // side - centre, index % side - centre
         if (-fy, -fx) not in listed:
             listed.append((fy, fx))
@@ -75,7 +81,8 @@ def main() -> None:
           f"(cycles per {side} px)")
     for f in listed:
         chain = upsampling_chain(*f)
-        print(f"{f!s:>10s}: excess {power(fake, f) - power(real, f):+.2f}" + "".join(
+        spike = f" (above its neighbours' {float(ranked[(f[0] + centre) * side + f[1] + centre]):+.2f})" if args.rank == "spike" else ""
+        print(f"{f!s:>10s}: excess {power(fake, f) - power(real, f):+.2f}{spike}" + "".join(
             f"{' <- ' if i else ' | '}{g}: generated {power(fake, g):.2f}, real {power(real, g):.2f}"
             for i, g in enumerate(chain)))
 

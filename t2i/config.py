@@ -57,12 +57,12 @@ class ModelConfig:
     # "plain": z -> transposed convs (the seed's); "modulated": the caption also scales and
     # shifts every decoder block (DF-GAN's affine fusion; cvae only, always on for gan).
     decoder: str = "plain"
-    # the modulated decoder's x2 upsampling: "nearest" (StackGAN's, DF-GAN's), or a low-pass
-    # against nearest's spectral copies (Durall et al. 2020): "bilinear" (on Flickr8k's gan it
-    # blurred the draws, docs/results.md) or "lanczos" (a windowed sinc, flat pass band)
+    # the modulated decoder's x2 upsampling: "nearest" (StackGAN's, DF-GAN's) or a low-pass against its
+    # spectral copies (Durall et al. 2020): "bilinear" (blurred the gan's draws) or "lanczos" (windowed sinc)
     upsample: str = "nearest"
-    # the modulated decoder's blocks: "plain" (upsample, one conv, BN, one caption affine) or
-    # "residual" (DF-GAN's: two fused convs and a shortcut per block, no BN; ~1.6x the convs)
+    # how its 3x3 convs pad: "zeros" or "reflect" (no image edge to draw frames on: docs/results.md)
+    padding: str = "zeros"
+    # its blocks: "plain" (upsample, one conv, BN, caption affine) or "residual" (DF-GAN's, ~1.6x the convs)
     block: str = "plain"
     image_size: int = 64
 
@@ -150,6 +150,7 @@ CHOICES = {
     "model.decoder": ("plain", "modulated"),
     "model.upsample": ("nearest", "bilinear", "lanczos"),
     "model.block": ("plain", "residual"),
+    "model.padding": ("zeros", "reflect"),
     "loss.likelihood": ("gaussian", "bernoulli"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
@@ -328,7 +329,7 @@ def validate(cfg: Config) -> None:
         problems.append("optim.lr and optim.disc_lr must be > 0")
     if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
         problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
-    for key, plain in (("model.upsample", "nearest"), ("model.block", "plain")):
+    for key, plain in (("model.upsample", "nearest"), ("model.block", "plain"), ("model.padding", "zeros")):
         if cfg.model.decoder == "plain" and (value := _get(cfg, key)) != plain:
             problems.append(f"{key}: the plain decoder upsamples with transposed convs; {value!r} needs model.decoder = 'modulated'")
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":

@@ -202,10 +202,11 @@ class ModulatedUpBlock(nn.Module):
     copies of the coarse spectrum one 3x3 conv does not remove; "bilinear" filters them
     (StyleGAN2's upsampling is a filtered one for this reason; Karras et al. 2020)."""
 
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest"):
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest",
+                 padding: str = "zeros"):
         super().__init__()
         self.upsample = upsample
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False, padding_mode=padding)
         self.norm = nn.BatchNorm2d(out_channels, affine=False)
         self.affine = TextAffine(cond_dim, out_channels)
 
@@ -221,13 +222,14 @@ class ResidualUpBlock(nn.Module):
     condition instead. Two convs per resolution, where :class:`ModulatedUpBlock` has one,
     give the block a second filter over nearest upsampling's spectral copies."""
 
-    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest"):
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest",
+                 padding: str = "zeros"):
         super().__init__()
         self.upsample = upsample
         self.fuse1 = nn.ModuleList([TextAffine(cond_dim, in_channels), TextAffine(cond_dim, in_channels)])
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1, padding_mode=padding)
         self.fuse2 = nn.ModuleList([TextAffine(cond_dim, out_channels), TextAffine(cond_dim, out_channels)])
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, padding_mode=padding)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
     @staticmethod
@@ -253,19 +255,21 @@ class ModulatedDecoder(nn.Module):
 
     The caption reaches every resolution directly instead of only through the first
     linear layer: on shapes this is what lets colour and shape words compose into pairs
-    never seen in training (each word switches its own channels on)."""
+    never seen in training (each word switches its own channels on). ``padding``: how every 3x3
+    conv pads ("zeros" or "reflect": no image edge for the convs to detect and draw on)."""
 
-    def __init__(self, in_dim: int, cond_dim: int, width: int, upsample: str = "nearest", block: str = "plain"):
+    def __init__(self, in_dim: int, cond_dim: int, width: int, upsample: str = "nearest", block: str = "plain",
+                 padding: str = "zeros"):
         super().__init__()
         self.start_channels = 8 * width
         self.project = nn.Sequential(nn.Linear(in_dim, 16 * self.start_channels),
                                      nn.BatchNorm1d(16 * self.start_channels), nn.LeakyReLU(0.2, inplace=True))
         channels = [8 * width, 4 * width, 2 * width, width, width]
-        self.blocks = nn.ModuleList(UP_BLOCKS[block](a, b, cond_dim, upsample)
+        self.blocks = nn.ModuleList(UP_BLOCKS[block](a, b, cond_dim, upsample, padding)
                                     for a, b in zip(channels[:-1], channels[1:]))
         # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
         pre_activation = [nn.LeakyReLU(0.2)] if block == "residual" else []
-        self.to_rgb = nn.Sequential(*pre_activation, nn.Conv2d(width, 3, 3, 1, 1), nn.Sigmoid())
+        self.to_rgb = nn.Sequential(*pre_activation, nn.Conv2d(width, 3, 3, 1, 1, padding_mode=padding), nn.Sigmoid())
 
     def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         x = self.project(h).view(-1, self.start_channels, 4, 4)

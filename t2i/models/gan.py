@@ -43,7 +43,8 @@ class GANGenerator(TextToImage):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # What the blocks' affines read: c_hat (StackGAN), or c_hat and z as DF-GAN's blocks do.
         self.fused_dim = self.latent_dim if cfg.block == "residual" else self.condition_dim
-        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, cfg.width, cfg.upsample, cfg.block)
+        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, cfg.width, upsample=cfg.upsample,
+                                        block=cfg.block, padding=cfg.padding)
 
     def latent_gaussian(self, c: torch.Tensor):
         """StackGAN's conditioning-augmentation Gaussian N(mu(c), sigma(c)) for ``c_hat``,

@@ -49,7 +49,7 @@ class TextToImageVAE(TextToImage):
 class SeedVAE(TextToImageVAE):
     def __init__(self, cfg: ModelConfig, vocab_size: int, embed_dim: int):
         super().__init__()
-        if cfg.decoder != "plain" or cfg.upsample != "nearest" or cfg.block != "plain":
+        if cfg.decoder != "plain" or cfg.upsample != "nearest" or cfg.block != "plain" or cfg.padding != "zeros":
             raise ValueError("the seed family's decoder reads only z: use model.decoder = 'plain'")
         self.latent_dim, hidden = cfg.latent_dim, cfg.hidden
         self.text = CaptionEncoder(vocab_size, embed_dim, cfg.text_encoder, hidden)
@@ -88,7 +88,8 @@ class CVAE(TextToImageVAE):
         self.cond = mlp([c_dim, hidden], dropout)
         # "modulated": the caption also scales/shifts every decoder block (DF-GAN's fusion).
         self.modulated = cfg.decoder == "modulated"
-        self.decoder = (ModulatedDecoder(cfg.latent_dim + hidden, hidden, cfg.width, cfg.upsample, cfg.block)
+        self.decoder = (ModulatedDecoder(cfg.latent_dim + hidden, hidden, cfg.width, upsample=cfg.upsample,
+                                         block=cfg.block, padding=cfg.padding)
                         if self.modulated else ConvDecoder(cfg.latent_dim + hidden, cfg.width))
 
     def encode(self, image: torch.Tensor, c: torch.Tensor):
