@@ -33,6 +33,8 @@ from t2i.config import ConfigError
     ("model.upsample=bicubic", "model.upsample"),
     ("model.block=residual", "model.block: the plain decoder upsamples with transposed convs"),
     ("model.block=resnet", "model.block"),
+    ("model.padding=reflect", "model.padding: the plain decoder upsamples with transposed convs"),
+    ("model.padding=circular", "model.padding"),
 ])
 def test_bad_values_are_refused_by_name(override, says):
     started = time.monotonic()

@@ -78,10 +78,13 @@ def log_power_spectrum(images: torch.Tensor) -> torch.Tensor:
 
 def isolated_excess(excess: torch.Tensor) -> torch.Tensor:
     """(H, W) -> (H, W): each frequency's excess less the median excess of its 8 neighbours
-    (the spectrum wraps around). A grid's power swings from one frequency to the next and stands
+    (the spectrum wraps around; the zero frequency, which holds no power once each image's mean
+    is removed, is left out). A grid's power swings from one frequency to the next and stands
     out; a broad excess (more contrast at some scale than the photos have) cancels."""
     around = [torch.roll(excess, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    return excess - torch.stack(around).median(0).values
+    isolated = excess - torch.stack(around).median(0).values
+    isolated[excess.shape[0] // 2, excess.shape[1] // 2] = float("-inf")  # zero frequency: each mean is removed
+    return isolated
 
 
 def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -53,6 +53,7 @@ def test_the_spectrum_check_sees_an_upsampling_grid(shapes_images):
     # A broad excess reaches the peak but not the spike: only a grid's power swings between neighbours.
     assert out["contrasty"]["peak"] > out["real"]["peak"] + 0.9, out
     assert abs(out["contrasty"]["spike"] - out["real"]["spike"]) < 0.05, out
+    assert out["blurred"]["spike_at"] != [0, 0]  # no power at zero frequency, whatever its neighbours'
     # Where: a period of 2 pixels sits at 32 cycles per 64-pixel image, a period of 4 at 16 or 32.
     assert {abs(f) for f in out["grid2"]["peak_at"]} <= {0, 32} and any(out["grid2"]["peak_at"])
     assert {abs(f) for f in out["grid4"]["peak_at"]} <= {0, 16, 32} and any(out["grid4"]["peak_at"])

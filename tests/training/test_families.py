@@ -647,6 +647,26 @@ def test_bilinear_upsampling_leaves_the_decoder_less_high_frequency_power_than_n
     assert high_share["lanczos"] < 0.5 * high_share["nearest"], high_share
 
 
+def test_reflect_padding_leaves_the_decoder_no_image_edge_to_draw_on():
+    """A map the same everywhere stays the same everywhere through a decoder block that pads by
+    reflection (and filters with edges replicated); zero padding marks the border, the position
+    a filtered generator drew frames on."""
+    from t2i.models.blocks import ModulatedUpBlock
+
+    flat = torch.randn(2, 8, 1, 1).expand(-1, -1, 8, 8)
+    cond = torch.randn(2, 4)
+    spread = {}
+    for upsample in ("nearest", "lanczos"):
+        for padding in ("zeros", "reflect"):
+            torch.manual_seed(0)
+            block = ModulatedUpBlock(8, 6, 4, upsample, padding).eval()
+            with torch.no_grad():
+                out = block(flat, cond)
+            spread[upsample, padding] = float((out - out[:, :, 8:9, 8:9]).abs().max())
+    assert spread["lanczos", "reflect"] < 1e-5 and spread["nearest", "reflect"] < 1e-5, spread
+    assert spread["lanczos", "zeros"] > 1e-2 and spread["nearest", "zeros"] > 1e-2, spread
+
+
 def test_lanczos_upsampling_keeps_the_pass_band_and_removes_the_copies():
     """A cosine of f cycles across a 32-pixel map, upsampled x2 (along either axis): its own
     frequency keeps its amplitude (bilinear's falls) and its copy at 32 - f, nearest's grid,
