@@ -160,9 +160,10 @@ def lanczos_phases(a: int = LANCZOS_A) -> torch.Tensor:
 
 
 @functools.cache
-def lanczos_matrix(size: int) -> torch.Tensor:
+def lanczos_matrix(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(size, 2 size): x @ M upsamples the last axis of x by 2 through :func:`lanczos_phases`,
-    edge pixels replicated (taps beyond the border read the border pixel)."""
+    edge pixels replicated (taps beyond the border read the border pixel). Cached per device and
+    dtype: no host-to-device copy per step."""
     phases = lanczos_phases()
     a = (phases.shape[1] - 1) // 2
     matrix = torch.zeros(size, 2 * size)
@@ -170,7 +171,7 @@ def lanczos_matrix(size: int) -> torch.Tensor:
         for phase in (0, 1):
             for k in range(-a, a + 1):
                 matrix[min(max(n + k, 0), size - 1), 2 * n + phase] += phases[phase, k + a]
-    return matrix
+    return matrix.to(device, dtype)
 
 
 def lanczos_upsample2x(x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +182,7 @@ def lanczos_upsample2x(x: torch.Tensor) -> torch.Tensor:
     without its filtered nonlinearities. Two dense matmuls over the channels-last layout the
     models train in (on CPU far faster than depthwise convolutions, and no layout copies)."""
     batch, channels, height, width = x.shape
-    rows = lanczos_matrix(height).to(x.device, x.dtype)
-    columns = lanczos_matrix(width).to(x.device, x.dtype)
+    rows, columns = lanczos_matrix(height, x.device, x.dtype), lanczos_matrix(width, x.device, x.dtype)
     pixels = x.permute(0, 2, 3, 1).reshape(batch * height, width, channels)  # (B, H, W, C): free if channels-last
     wide = torch.matmul(columns.t(), pixels).reshape(batch, height, 2 * width * channels)
     return torch.matmul(rows.t(), wide).view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
