@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from t2i.data.dataset import load_manifest, load_vocabulary, read_split_arrays, to_float
-from t2i.evaluation.distribution import JudgeFeatures, judge_distances, log_power_spectrum, spectrum_check
+from t2i.evaluation.distribution import (
+    JudgeFeatures,
+    isolated_excess,
+    judge_distances,
+    log_power_spectrum,
+    spectrum_check,
+)
 from t2i.training.encoders import EncoderRecipe, train_dual_encoder
 
 
@@ -53,7 +59,11 @@ def test_the_spectrum_check_sees_an_upsampling_grid(shapes_images):
     # A broad excess reaches the peak but not the spike: only a grid's power swings between neighbours.
     assert out["contrasty"]["peak"] > out["real"]["peak"] + 0.9, out
     assert abs(out["contrasty"]["spike"] - out["real"]["spike"]) < 0.05, out
-    assert out["blurred"]["spike_at"] != [0, 0]  # no power at zero frequency, whatever its neighbours'
+    # The zero frequency holds no power once each mean is removed: never a spike, however far
+    # its neighbours fall below the real spectrum (a blurred set's do).
+    dip = -torch.ones(8, 8)
+    dip[4, 4] = 0.0
+    assert isolated_excess(dip)[4, 4] == float("-inf") and int(isolated_excess(dip).argmax()) != 4 * 8 + 4
     # Where: a period of 2 pixels sits at 32 cycles per 64-pixel image, a period of 4 at 16 or 32.
     assert {abs(f) for f in out["grid2"]["peak_at"]} <= {0, 32} and any(out["grid2"]["peak_at"])
     assert {abs(f) for f in out["grid4"]["peak_at"]} <= {0, 16, 32} and any(out["grid4"]["peak_at"])
