@@ -64,6 +64,7 @@ class ModelConfig:
     padding: str = "zeros"
     # its blocks: "plain" (upsample, one conv, BN, caption affine) or "residual" (DF-GAN's, ~1.6x the convs)
     block: str = "plain"
+    pixel_noise: bool = False      # gan: StyleGAN's per-pixel noise inputs in every block (fine detail, no grid)
     image_size: int = 64
 
 
@@ -139,8 +140,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# A tiny model for two epochs on a small shapes set: `--smoke-test` of train_job.py and
-# tune_search.py checks a setup in a minute or two.
+# A tiny model for two epochs on a small shapes set: `--smoke-test` checks a setup in a minute or two.
 SMOKE_TEST = ("data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "model.width=8", "model.hidden=64",
               "model.latent_dim=8", "data.samples_per_prompt=2")
 
@@ -349,7 +349,7 @@ def validate(cfg: Config) -> None:
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight",
-                "loss.spectrum_weight", "optim.ema_decay")
+                "loss.spectrum_weight", "optim.ema_decay", "model.pixel_noise")
     if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key)]):
         problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at 0 / \"\"")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:

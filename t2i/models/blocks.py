@@ -7,9 +7,12 @@ state dict carries everything needed to embed a prompt.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
+
+from t2i.config import ModelConfig
 
 
 class CaptionEncoder(nn.Module):
@@ -195,6 +198,28 @@ def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
                                      **({"align_corners": False} if mode == "bilinear" else {}))
 
 
+class PixelNoise(nn.Module):
+    """StyleGAN's noise inputs (Karras et al. 2019, sec. 3.2 and fig. 1, "B"): one noise image
+    added to every channel of a conv's output with a learned per-channel strength, zero at the
+    start. A filtered upsampling passes on no detail finer than the coarse map's; this gives each
+    resolution its own source, stationary, so it makes no grid. The noise image is a fixed random
+    projection of the generator's noise z (variance 1 per pixel) rather than a fresh draw: a seed
+    still fixes the image (``sample_from_noise``, serving), and z = 0 (the mean draw) adds none."""
+
+    def __init__(self, source_dim: int, channels: int, size: int):
+        super().__init__()
+        self.register_buffer("basis", torch.randn(source_dim, size * size) / math.sqrt(source_dim))
+        self.strength = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        noise = (source.to(x.dtype) @ self.basis.to(x.dtype)).view(x.shape[0], 1, *x.shape[2:])
+        return x + self.strength.to(x.dtype).view(1, -1, 1, 1) * noise
+
+
+def add_noise(noise: PixelNoise | None, x: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor:
+    return x if noise is None else noise(x, source)
+
+
 class ModulatedUpBlock(nn.Module):
     """x2 upsample -> 3x3 conv -> BN (no affine) -> caption affine -> LeakyReLU.
     Upsample + conv rather than a transposed conv avoids checkerboard artefacts (Odena et
@@ -203,15 +228,16 @@ class ModulatedUpBlock(nn.Module):
     (StyleGAN2's upsampling is a filtered one for this reason; Karras et al. 2020)."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest",
-                 padding: str = "zeros"):
+                 padding: str = "zeros", noise: PixelNoise | None = None):
         super().__init__()
         self.upsample = upsample
         self.conv = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False, padding_mode=padding)
+        self.noise = noise
         self.norm = nn.BatchNorm2d(out_channels, affine=False)
         self.affine = TextAffine(cond_dim, out_channels)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        x = self.conv(upsample2x(x, self.upsample))
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, noise_source: torch.Tensor | None = None) -> torch.Tensor:
+        x = add_noise(self.noise, self.conv(upsample2x(x, self.upsample)), noise_source)
         return nn.functional.leaky_relu(self.affine(self.norm(x), cond), 0.2)
 
 
@@ -223,9 +249,10 @@ class ResidualUpBlock(nn.Module):
     give the block a second filter over nearest upsampling's spectral copies."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest",
-                 padding: str = "zeros"):
+                 padding: str = "zeros", noise: PixelNoise | None = None):
         super().__init__()
         self.upsample = upsample
+        self.noise = noise  # after the second conv, before the shortcut joins
         self.fuse1 = nn.ModuleList([TextAffine(cond_dim, in_channels), TextAffine(cond_dim, in_channels)])
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1, padding_mode=padding)
         self.fuse2 = nn.ModuleList([TextAffine(cond_dim, out_channels), TextAffine(cond_dim, out_channels)])
@@ -238,10 +265,10 @@ class ResidualUpBlock(nn.Module):
             x = nn.functional.leaky_relu(affine(x, cond), 0.2)
         return x
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, noise_source: torch.Tensor | None = None) -> torch.Tensor:
         x = upsample2x(x, self.upsample)
         h = self.conv1(self.fuse(self.fuse1, x, cond))
-        h = self.conv2(self.fuse(self.fuse2, h, cond))
+        h = add_noise(self.noise, self.conv2(self.fuse(self.fuse2, h, cond)), noise_source)
         return self.shortcut(x) + h
 
 
@@ -255,24 +282,28 @@ class ModulatedDecoder(nn.Module):
 
     The caption reaches every resolution directly instead of only through the first
     linear layer: on shapes this is what lets colour and shape words compose into pairs
-    never seen in training (each word switches its own channels on). ``padding``: how every 3x3
-    conv pads ("zeros" or "reflect": no image edge for the convs to detect and draw on)."""
+    never seen in training (each word switches its own channels on). From ``cfg``: ``width``,
+    ``upsample``, ``block`` and ``padding`` (how every 3x3 conv pads: "zeros", or "reflect": no
+    image edge for the convs to detect and draw on). ``noise_dim`` > 0 gives every block
+    :class:`PixelNoise` read from a (B, noise_dim) source passed to :meth:`forward`."""
 
-    def __init__(self, in_dim: int, cond_dim: int, width: int, upsample: str = "nearest", block: str = "plain",
-                 padding: str = "zeros"):
+    def __init__(self, in_dim: int, cond_dim: int, cfg: ModelConfig, noise_dim: int = 0):
         super().__init__()
+        width, padding = cfg.width, cfg.padding
         self.start_channels = 8 * width
         self.project = nn.Sequential(nn.Linear(in_dim, 16 * self.start_channels),
                                      nn.BatchNorm1d(16 * self.start_channels), nn.LeakyReLU(0.2, inplace=True))
         channels = [8 * width, 4 * width, 2 * width, width, width]
-        self.blocks = nn.ModuleList(UP_BLOCKS[block](a, b, cond_dim, upsample, padding)
-                                    for a, b in zip(channels[:-1], channels[1:]))
+        self.blocks = nn.ModuleList(
+            UP_BLOCKS[cfg.block](a, b, cond_dim, cfg.upsample, padding,
+                                 PixelNoise(noise_dim, b, 8 << i) if noise_dim else None)
+            for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))
         # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
-        pre_activation = [nn.LeakyReLU(0.2)] if block == "residual" else []
+        pre_activation = [nn.LeakyReLU(0.2)] if cfg.block == "residual" else []
         self.to_rgb = nn.Sequential(*pre_activation, nn.Conv2d(width, 3, 3, 1, 1, padding_mode=padding), nn.Sigmoid())
 
-    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cond: torch.Tensor, noise_source: torch.Tensor | None = None) -> torch.Tensor:
         x = self.project(h).view(-1, self.start_channels, 4, 4)
         for block in self.blocks:
-            x = block(x, cond)
+            x = block(x, cond, noise_source)
         return self.to_rgb(x)

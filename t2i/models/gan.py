@@ -43,8 +43,8 @@ class GANGenerator(TextToImage):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         # What the blocks' affines read: c_hat (StackGAN), or c_hat and z as DF-GAN's blocks do.
         self.fused_dim = self.latent_dim if cfg.block == "residual" else self.condition_dim
-        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, cfg.width, upsample=cfg.upsample,
-                                        block=cfg.block, padding=cfg.padding)
+        self.decoder = ModulatedDecoder(self.latent_dim, self.fused_dim, cfg,
+                                        noise_dim=self.noise_dim if cfg.pixel_noise else 0)
 
     def latent_gaussian(self, c: torch.Tensor):
         """StackGAN's conditioning-augmentation Gaussian N(mu(c), sigma(c)) for ``c_hat``,
@@ -54,7 +54,7 @@ class GANGenerator(TextToImage):
         return torch.cat([mu, noise], 1), torch.cat([bounded_logvar(logvar), noise], 1)
 
     def decode(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z, z[:, : self.fused_dim])
+        return self.decoder(z, z[:, : self.fused_dim], z[:, self.condition_dim:])
 
     def forward(self, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One random image per caption, and the CA Gaussian's (mu, logvar) for its KL."""

@@ -88,8 +88,7 @@ class CVAE(TextToImageVAE):
         self.cond = mlp([c_dim, hidden], dropout)
         # "modulated": the caption also scales/shifts every decoder block (DF-GAN's fusion).
         self.modulated = cfg.decoder == "modulated"
-        self.decoder = (ModulatedDecoder(cfg.latent_dim + hidden, hidden, cfg.width, upsample=cfg.upsample,
-                                         block=cfg.block, padding=cfg.padding)
+        self.decoder = (ModulatedDecoder(cfg.latent_dim + hidden, hidden, cfg)
                         if self.modulated else ConvDecoder(cfg.latent_dim + hidden, cfg.width))
 
     def encode(self, image: torch.Tensor, c: torch.Tensor):

@@ -635,7 +635,7 @@ def test_bilinear_upsampling_leaves_the_decoder_less_high_frequency_power_than_n
     high_share = {}
     for mode in ("nearest", "bilinear", "lanczos"):
         torch.manual_seed(0)
-        decoder = ModulatedDecoder(32, 16, 8, mode).eval()
+        decoder = ModulatedDecoder(32, 16, config_lib.ModelConfig(decoder="modulated", width=8, upsample=mode)).eval()
         torch.manual_seed(1)
         with torch.no_grad():
             power = 10 ** log_power_spectrum(decoder(torch.randn(64, 32), torch.randn(64, 16)))
