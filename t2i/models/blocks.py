@@ -200,16 +200,27 @@ def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 class PixelNoise(nn.Module):
     """StyleGAN's noise inputs (Karras et al. 2019, sec. 3.2 and fig. 1, "B"): one noise image
-    added to every channel of a conv's output with a learned per-channel strength, zero at the
-    start. A filtered upsampling passes on no detail finer than the coarse map's; this gives each
-    resolution its own source, stationary, so it makes no grid. The noise image is a fixed random
-    projection of the generator's noise z (variance 1 per pixel) rather than a fresh draw: a seed
-    still fixes the image (``sample_from_noise``, serving), and z = 0 (the mean draw) adds none."""
+    added to every channel of a conv's output with a learned per-channel strength. A filtered
+    upsampling passes on no detail finer than the coarse map's; this gives each resolution its own
+    source, stationary, so it makes no grid. The noise image is a fixed random projection of the
+    generator's noise z (variance 1 per pixel) rather than a fresh draw: a seed still fixes the
+    image (``sample_from_noise``, serving), and z = 0 (the mean draw) adds none.
 
-    def __init__(self, source_dim: int, channels: int, size: int):
+    StyleGAN starts the strengths at 0 and trains them at lr 0.002; at the gan's 1e-4 they
+    random-walked to ~0.003 in 4 epochs (docs/results.md). So they start at ``initial`` (about a
+    fifth of a fresh conv's output scale) and learn ``LR_GAIN`` times faster: ProGAN's runtime
+    weight scaling (Karras et al. 2018, sec. 4.1), under Adam a per-parameter learning rate."""
+
+    LR_GAIN = 10.0
+
+    def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1):
         super().__init__()
         self.register_buffer("basis", torch.randn(source_dim, size * size) / math.sqrt(source_dim))
-        self.strength = nn.Parameter(torch.zeros(channels))
+        self.scaled_strength = nn.Parameter(torch.full((channels,), initial / self.LR_GAIN))
+
+    @property
+    def strength(self) -> torch.Tensor:
+        return self.scaled_strength * self.LR_GAIN
 
     def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         noise = (source.to(x.dtype) @ self.basis.to(x.dtype)).view(x.shape[0], 1, *x.shape[2:])

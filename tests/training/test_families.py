@@ -690,3 +690,44 @@ def test_lanczos_upsampling_keeps_the_pass_band_and_removes_the_copies():
     assert torch.allclose(upsample2x(ramp, "lanczos")[..., 4:-4], bilinear[..., 4:-4], atol=5e-3)
     constant = upsample2x(torch.full((2, 3, 4, 4), 0.3), "lanczos")
     assert constant.shape == (2, 3, 8, 8) and torch.allclose(constant, torch.full_like(constant, 0.3), atol=1e-6)
+
+
+def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes():
+    """StyleGAN's noise inputs: white noise of variance strength^2 per pixel, none for the mean
+    draw (z = 0), the same image for the same seed (sample_from_noise and serving stay
+    reproducible), and a strength that learns LR_GAIN times faster than the weights."""
+    from t2i.evaluation.distribution import log_power_spectrum
+    from t2i.models.blocks import PixelNoise
+    from t2i.models.gan import GANGenerator
+
+    torch.manual_seed(0)
+    noise = PixelNoise(64, 3, 32, initial=1.0)
+    flat = torch.zeros(256, 3, 32, 32)
+    source = torch.randn(256, 64)
+    step = torch.optim.Adam(noise.parameters(), lr=1e-3)
+    noise(flat, source).sum().backward()
+    step.step()
+    assert torch.allclose(noise.strength, torch.full((3,), 1.0 - PixelNoise.LR_GAIN * 1e-3), atol=1e-6)
+    with torch.no_grad():
+        noise.scaled_strength.fill_(1.0 / PixelNoise.LR_GAIN)
+    images = noise(flat, source)
+    assert abs(float(images.var()) - 1) < 0.1 and torch.equal(noise(flat, torch.zeros(256, 64)), flat)
+    power = log_power_spectrum(0.5 + images[:, :1].expand(-1, 3, -1, -1) / 8).flatten()
+    power = torch.cat([power[: 32 * 32 // 2 + 16], power[32 * 32 // 2 + 17:]])  # the zero frequency left out
+    assert float(power.std()) < 0.1, "the noise image is white: the same power at every frequency"
+
+    cfg = config_lib.load("gan", ["model.upsample=lanczos", "model.padding=reflect", "model.pixel_noise=true",
+                                  "model.width=4", "model.hidden=16", "model.latent_dim=8"])
+    generator = GANGenerator(cfg.model, 20, 6).eval()
+    words = torch.randint(1, 20, (64, 5))
+    high_share = {}
+    for strength in (0.0, 1.0):
+        for block in generator.decoder.blocks:
+            block.noise.scaled_strength.data.fill_(strength / block.noise.LR_GAIN)
+        draws = generator.sample(words, 1, generator=torch.Generator().manual_seed(3))[:, 0]
+        assert torch.equal(draws, generator.sample(words, 1, generator=torch.Generator().manual_seed(3))[:, 0])
+        power = 10 ** log_power_spectrum(draws)
+        offsets = (torch.arange(64) - 32).abs()
+        ring = torch.maximum(offsets[:, None], offsets[None, :]) >= 16
+        high_share[strength] = float(power[ring].sum() / power.sum())
+    assert high_share[1.0] > 2 * high_share[0.0], high_share
