@@ -710,7 +710,7 @@ def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes(
     assert torch.allclose(noise.strength, torch.full((3,), 1.0 - PixelNoise.LR_GAIN * 1e-3), atol=1e-6)
     with torch.no_grad():
         noise.scaled_strength.fill_(1.0 / PixelNoise.LR_GAIN)
-    images = noise(flat, source)
+    images = noise(flat, source).detach()
     assert abs(float(images.var()) - 1) < 0.1 and torch.equal(noise(flat, torch.zeros(256, 64)), flat)
     power = log_power_spectrum(0.5 + images[:, :1].expand(-1, 3, -1, -1) / 8).flatten()
     power = torch.cat([power[: 32 * 32 // 2 + 16], power[32 * 32 // 2 + 17:]])  # the zero frequency left out
