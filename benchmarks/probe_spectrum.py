@@ -12,8 +12,9 @@ the chain, so a replica shows as an excess that its source carries too.
 
 With ``--rank spike`` the frequencies are ranked by their excess above their 8 neighbours'
 (``spectrum_spike``: a grid's swing, which a broad excess of contrast does not have).
+With ``--windowed`` both spectra are taken through a Hann window (``spectrum_windowed_*``).
 
-    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike]
+    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed]
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=6, help="how many of the largest excesses to list")
     parser.add_argument("--rank", choices=("peak", "spike"), default="peak",
                         help="rank by the excess (peak) or by the excess above the neighbours' (spike)")
+    parser.add_argument("--windowed", action="store_true", help="Hann-window the images first (no edge jumps)")
     args = parser.parse_args()
     model = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint)).model.eval()
     test = read_split_arrays(args.data, load_manifest(args.data), "test")
@@ -61,7 +63,7 @@ def main() -> None:
     torch.manual_seed(0)
     with torch.no_grad():
         drawn = torch.cat([model.sample(ids[i: i + 250])[:, 0] for i in range(0, len(ids), 250)])
-    fake, real = log_power_spectrum(drawn), log_power_spectrum(to_float(test["images"]))
+    fake, real = log_power_spectrum(drawn, args.windowed), log_power_spectrum(to_float(test["images"]), args.windowed)
     side, centre = fake.shape[1], fake.shape[1] // 2
     excess = fake - real
     ranked = (isolated_excess(excess) if args.rank == "spike" else excess).flatten()

@@ -10,7 +10,11 @@
   et al. 2016) puts power on a few isolated frequencies: ``peak`` is the largest excess over
   the real spectrum at any one frequency (log10, so 1.0 = ten times the real power there),
   ``distance`` the mean gap over all frequencies (blur shows there, as missing high
-  frequencies). Real train against real test images gives the floor of both.
+  frequencies). Real train against real test images gives the floor of both. The check is
+  reported twice: on the images as they are (the statistic Durall et al.'s spectral term,
+  ``loss.spectrum_weight``, trains) and through a Hann window (Harris 1978), which no training
+  term reads: a periodic FFT sees each image's left/right and top/bottom edges as a jump, and
+  the window tapers them away, so power on the fx = 0 and fy = 0 axes is the images' own.
 """
 
 from __future__ import annotations
@@ -70,10 +74,16 @@ def judge_distances(judge: DualEncoder, real: torch.Tensor, sets: dict[str, torc
     return out
 
 
-def log_power_spectrum(images: torch.Tensor) -> torch.Tensor:
+def hann_window(height: int, width: int) -> torch.Tensor:
+    """(H, W) separable 2-D Hann window (symmetric: zero on the border rows and columns)."""
+    return torch.outer(torch.hann_window(height, periodic=False), torch.hann_window(width, periodic=False))
+
+
+def log_power_spectrum(images: torch.Tensor, windowed: bool = False) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (H, W) log10 of the mean power spectrum of the luminance
-    (each image's mean removed; zero frequency at the centre)."""
-    return torch.log10(mean_power_spectrum(images) + EPS)
+    (each image's mean removed, then Hann-windowed if ``windowed``; zero frequency at the centre)."""
+    window = hann_window(*images.shape[-2:]) if windowed else None
+    return torch.log10(mean_power_spectrum(images, window) + EPS)
 
 
 def isolated_excess(excess: torch.Tensor) -> torch.Tensor:
@@ -87,16 +97,16 @@ def isolated_excess(excess: torch.Tensor) -> torch.Tensor:
     return isolated
 
 
-def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict[str, dict]:
+def spectrum_check(real: torch.Tensor, sets: dict[str, torch.Tensor], windowed: bool = False) -> dict[str, dict]:
     """{name: {"peak": max over frequencies of log10(P / P_real), "peak_at": that frequency as
     [fy, fx] in cycles per image (signed; a grid of period p pixels sits at multiples of
     side / p), "spike" / "spike_at": the same for :func:`isolated_excess` (the excess at one
     frequency above its neighbours'), "distance": mean |log10 P - log10 P_real|}} for each
-    image set against ``real``."""
-    reference = log_power_spectrum(real)
+    image set against ``real``, on the Hann-windowed images if ``windowed``."""
+    reference = log_power_spectrum(real, windowed)
     out = {}
     for name, images in sets.items():
-        excess = log_power_spectrum(images) - reference
+        excess = log_power_spectrum(images, windowed) - reference
         out[name] = {}
         for key, values in (("peak", excess), ("spike", isolated_excess(excess))):
             side_y, side_x = values.shape

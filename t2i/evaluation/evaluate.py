@@ -256,12 +256,15 @@ def score_split(context: EvaluationContext, split: str) -> dict:
 
 
 def set_distances(context: EvaluationContext, real: torch.Tensor, sets: dict[str, torch.Tensor]) -> dict:
-    """Judge Fréchet / kernel distances and the power-spectrum check of each image set
-    against the split's real images, with real train images as the floor (``real_train``)."""
+    """Judge Fréchet / kernel distances and the power-spectrum check (as drawn, and Hann-windowed)
+    of each image set against the split's real images, with real train images as the floor
+    (``real_train``)."""
     sets = {**sets, "real_train": context.train_images}
     distances = judge_distances(context.judge, real, sets)
-    spectra = spectrum_check(real, sets)
-    return {name: {**distances[name], **{f"spectrum_{k}": v for k, v in spectra[name].items()}} for name in sets}
+    spectra = {prefix: spectrum_check(real, sets, windowed) for prefix, windowed in
+               (("spectrum_", False), ("spectrum_windowed_", True))}
+    return {name: {**distances[name], **{prefix + k: v for prefix, check in spectra.items() for k, v in check[name].items()}}
+            for name in sets}
 
 
 def _nest(flat: dict[str, float]) -> dict[str, dict[str, float]]:

@@ -14,11 +14,14 @@ LUMA = (0.299, 0.587, 0.114)
 EPS = 1e-8
 
 
-def mean_power_spectrum(images: torch.Tensor) -> torch.Tensor:
+def mean_power_spectrum(images: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] -> (H, W): the mean power spectrum of the images' luminance, each
-    image's mean removed, zero frequency at the centre. Differentiable."""
+    image's mean removed (then multiplied by ``window``, (H, W), if given), zero frequency at
+    the centre. Differentiable."""
     luma = (images.float() * images.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1)
     luma = luma - luma.mean(dim=(1, 2), keepdim=True)
+    if window is not None:
+        luma = luma * window.to(luma)
     return torch.fft.fftshift(torch.fft.fft2(luma).abs().pow(2).mean(0))
 
 

@@ -70,3 +70,19 @@ def test_the_spectrum_check_sees_an_upsampling_grid(shapes_images):
     assert out["blurred"]["distance"] > 5 * out["real"]["distance"]     # missing high frequencies
     spectrum = log_power_spectrum(real)
     assert spectrum.shape == real.shape[-2:] and torch.isfinite(spectrum).all()
+
+
+def test_the_windowed_check_sees_the_grid_but_not_the_edge_jump(shapes_images):
+    _, images = shapes_images
+    half = len(images) // 2
+    real, other = images[:half], images[half:]
+    # A left-to-right brightness ramp is smooth inside the image, but the FFT's periodic copy
+    # jumps from its right edge back to its left: power along the fx axis, which a window tapers.
+    ramped = (other + torch.linspace(-0.15, 0.15, other.shape[-1])).clamp(0, 1)
+    sets = {"real": other, "ramped": ramped, "grid2": with_upsampling_grid(other)}
+    plain, windowed = spectrum_check(real, sets), spectrum_check(real, sets, windowed=True)
+    assert plain["ramped"]["spike_at"][0] == 0 and plain["ramped"]["spike"] > plain["real"]["spike"] + 0.1, plain
+    assert abs(windowed["ramped"]["spike"] - windowed["real"]["spike"]) < 0.05, windowed
+    assert windowed["grid2"]["peak"] > 1.2 and windowed["grid2"]["spike"] > 0.6, windowed  # a grid shows through it
+    assert windowed["grid2"]["peak_at"] == plain["grid2"]["peak_at"]
+    assert not torch.equal(log_power_spectrum(real, windowed=True), log_power_spectrum(real))
