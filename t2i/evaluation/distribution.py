@@ -88,8 +88,9 @@ def log_power_spectrum(images: torch.Tensor, windowed: bool = False) -> torch.Te
 
 def isolated_excess(excess: torch.Tensor) -> torch.Tensor:
     """(H, W) -> (H, W): each frequency's excess less the median excess of its 8 neighbours
-    (the spectrum wraps around; the zero frequency, which holds no power once each image's mean
-    is removed, is left out). A grid's power swings from one frequency to the next and stands
+    (the spectrum wraps around; the zero frequency is left out: no grid sits there, and once
+    each image's mean is removed it holds no power, or through a window only the window's
+    weighted mean of what is left). A grid's power swings from one frequency to the next and stands
     out; a broad excess (more contrast at some scale than the photos have) cancels."""
     around = [torch.roll(excess, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
     isolated = excess - torch.stack(around).median(0).values
