@@ -59,10 +59,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="t2i-bench-cluster-") as tmp:
         data, runs = Path(tmp) / "shapes", Path(tmp) / "runs"
         prepare_shapes(data, n=args.images, seed=0, shard_rows=250)
-        port = local_cluster.free_port()
+        port, dashboard_port = local_cluster.free_ports(2)
         cli = [sys.executable, str(REPO / "cluster" / "local.py"), "--port", str(port)]
         t0 = time.monotonic()
-        out = subprocess.run([*cli, "start", "--workers", "1", "--dashboard-port", str(local_cluster.free_port())],
+        out = subprocess.run([*cli, "start", "--workers", "1", "--dashboard-port", str(dashboard_port)],
                              capture_output=True, text=True, check=True)
         start_s = time.monotonic() - t0
         dashboard = json.loads(out.stdout)["dashboard"]

@@ -32,10 +32,22 @@ from pathlib import Path
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+def free_ports(count: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """`count` distinct free ports, none in `avoid`. Every socket stays bound until all are
+    picked: a port freed and asked for again can come straight back (two agents on one port)."""
+    held: list[socket.socket] = []
+    picked: list[int] = []
+    try:
+        while len(picked) < count:
+            sock = socket.socket()
+            held.append(sock)
+            sock.bind((HOST, 0))
+            if (port := sock.getsockname()[1]) not in avoid:
+                picked.append(port)
+        return picked
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def node_env() -> dict[str, str]:
@@ -103,13 +115,13 @@ def job_status(dashboard: str, submission_id: str) -> str:
 # port a node opens is pinned and recorded in state.json: `status` lists them, and the test
 # asserts that nothing else listens beyond loopback (cluster/README.md, Security).
 WORKER_PORTS = (10002, 19999)  # core workers and drivers: Ray's default range, shared by the nodes
+NODE_PORTS = ("node_manager", "object_manager", "dashboard_agent_grpc", "dashboard_agent_listen",
+              "metrics_export", "runtime_env_agent")  # each node of this machine needs its own
+HEAD_PORTS = ("ray_client_server", "autoscaler_metrics", "dashboard_metrics", *NODE_PORTS)
 
 
-def node_ports() -> dict[str, int]:
-    """Free ports for one node's raylet and agents (each node of this machine needs its own)."""
-    names = ("node_manager", "object_manager", "dashboard_agent_grpc", "dashboard_agent_listen",
-             "metrics_export", "runtime_env_agent")
-    return {name: free_port() for name in names}
+def pick_ports(names: tuple[str, ...], avoid: tuple[int, ...]) -> dict[str, int]:
+    return dict(zip(names, free_ports(len(names), avoid), strict=True))
 
 
 def port_flags(ports: dict[str, int]) -> list[str]:
@@ -194,8 +206,8 @@ def start(args) -> dict:
              "dashboard": f"http://{HOST}:{args.dashboard_port}", "nodes": []}
     # The head's two Prometheus servers have fixed default ports (44217, 44227) on every
     # interface; free ones here, so two clusters on one machine do not collide.
-    head_ports = {"gcs": args.port, "ray_client_server": free_port(), "autoscaler_metrics": free_port(),
-                  "dashboard_metrics": free_port(), **node_ports()}
+    head_ports = {"gcs": args.port, **pick_ports(HEAD_PORTS, avoid=(args.port, args.dashboard_port))}
+    taken = (args.dashboard_port, *head_ports.values())
     head = spawn_node("head", [
         "--head", f"--node-ip-address={HOST}", f"--port={args.port}",
         f"--dashboard-host={HOST}", f"--dashboard-port={args.dashboard_port}",
@@ -208,7 +220,8 @@ def start(args) -> dict:
     for index in range(1, args.workers + 1):
         # Every node of this machine needs its own agent ports, and its own memory budget
         # (otherwise each counts the whole machine's RAM).
-        ports = node_ports()
+        ports = pick_ports(NODE_PORTS, avoid=taken)  # a node may bind a port only once it is up
+        taken = (*taken, *ports.values())
         state["nodes"].append(spawn_node(f"worker{index}", [
             f"--address={gcs}", f"--node-ip-address={HOST}", *port_flags(ports),
             f"--num-cpus={args.worker_cpus}", f"--num-gpus={args.worker_gpus}",

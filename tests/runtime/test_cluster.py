@@ -340,7 +340,7 @@ def last_json_line(text: str) -> dict:
 
 @pytest.fixture
 def two_node_cluster():
-    port, dashboard_port = local_cluster.free_port(), local_cluster.free_port()
+    port, dashboard_port = local_cluster.free_ports(2)
     state = Path(f"/tmp/t2i-cluster-{port}")
     cli = [sys.executable, str(REPO / "cluster" / "local.py"), "--port", str(port)]
     started = subprocess.run([*cli, "start", "--workers", "1", "--dashboard-port", str(dashboard_port),
@@ -356,6 +356,15 @@ def two_node_cluster():
         assert json.loads(stopped.stdout)["still_running"] == [], stopped.stderr
         assert not any(local_cluster.session_members(pid) for pid in pids)  # no process of ours is left
         assert not state.exists()
+
+
+def test_a_local_clusters_ports_are_distinct_and_avoid_the_ones_it_was_given():
+    """Every node pins its own ports; one port picked twice stops the node (`ray start`: 'used by
+    other components'), which a bind-and-release picker allows."""
+    head = local_cluster.free_ports(len(local_cluster.HEAD_PORTS))
+    nodes = local_cluster.free_ports(300, avoid=tuple(head))
+    assert len(set(head)) == len(head) and len(set(nodes)) == 300
+    assert not set(head) & set(nodes)
 
 
 def test_two_node_cluster_jobs_placement_dashboard_and_node_loss(two_node_cluster, shapes_dir, tmp_path):
@@ -548,7 +557,7 @@ def test_onprem_nodes_run_the_venvs_ray_and_python():
 @pytest.fixture()
 def gpu_shaped_cluster():
     """A head (2 CPUs) and one worker node declaring a g5.2xlarge's shape (8 CPUs, 1 GPU)."""
-    port, dashboard_port = local_cluster.free_port(), local_cluster.free_port()
+    port, dashboard_port = local_cluster.free_ports(2)
     state = Path(f"/tmp/t2i-cluster-{port}")
     cli = [sys.executable, str(REPO / "cluster" / "local.py"), "--port", str(port)]
     started = subprocess.run([*cli, "start", "--workers", "1", "--dashboard-port", str(dashboard_port),
