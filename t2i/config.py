@@ -86,6 +86,7 @@ class LossConfig:
                                    # collapsing together (a quarter of the batch drawn twice); 0 = off
     spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the real batch's
                                    # (Durall et al. 2020's spectral regularisation); 0 = off
+    spectrum_weighting: str = "uniform"  # each frequency alike, or "ring": each radius alike (Durall's 1-D average)
 
 
 @dataclass
@@ -120,9 +121,8 @@ class TrainConfig:
     max_failures: int = 1          # worker-group restarts from the last checkpoint
     keep_best: int = 2             # checkpoints kept by dev loss (the latest is always kept)
     data_cpu_limit: float = 1.0    # Ray Data CPU cap on clusters of <= 4 CPUs (larger ones: none); 0 = never
-    # Curves, sample grids and hyperparameters besides metrics.csv (t2i.training.tracking):
-    # "tensorboard" (event files in the run folder), "mlflow" (those and an MLflow run at
-    # MLFLOW_TRACKING_URI, else <storage_path>/mlruns; needs `pip install 't2i[mlflow]'`), "none".
+    # Curves, grids, hyperparameters besides metrics.csv (t2i.training.tracking): "tensorboard" (event files in
+    # the run folder), "mlflow" (+ an MLflow run at MLFLOW_TRACKING_URI, else <storage_path>/mlruns), "none".
     tracking: str = "tensorboard"
     torch_threads: int = 0         # intra-op threads per worker; 0 = the whole CPUs Ray assigned it, or with
                                    # a fraction of one, the node's usable CPUs (affinity, cgroup) / its workers
@@ -152,6 +152,7 @@ CHOICES = {
     "model.block": ("plain", "residual"),
     "model.padding": ("zeros", "reflect"),
     "loss.likelihood": ("gaussian", "bernoulli"),
+    "loss.spectrum_weighting": ("uniform", "ring"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),
@@ -359,8 +360,8 @@ def validate(cfg: Config) -> None:
             parse_policy(_get(cfg, key))
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
-    minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "loss.spectrum_weight": 0, "optim.grad_clip": 0, "optim.weight_decay": 0,
-                "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
+    minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "loss.spectrum_weight": 0, "optim.grad_clip": 0,
+                "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
                 "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
                 "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0}
     for key, low in minimums.items():

@@ -25,14 +25,31 @@ def mean_power_spectrum(images: torch.Tensor, window: torch.Tensor | None = None
     return torch.fft.fftshift(torch.fft.fft2(luma).abs().pow(2).mean(0))
 
 
-def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
-    """Its value: mean over frequencies of ``gap``^2, the gap in decades between the generated
-    and the real spectrum. Its gradient: that of mean (log10 P_fake - log10 P_real)^2 through
-    the batch's own spectrum ``fake_power``, with the (less noisy) ``gap`` standing in for the
-    batch's. Durall et al. compare 1-D azimuthal averages; here the whole 2-D map, because
-    nearest upsampling copies a texture to a few directional (fy, fx) an average blurs together."""
-    surrogate = (2 * gap.detach() * torch.log10(fake_power + EPS)).mean()
-    return gap.detach().pow(2).mean() + surrogate - surrogate.detach()
+def ring_weights(size: int) -> torch.Tensor:
+    """(size, size), zero frequency at the centre: 1 / |f| (|f| in cycles per image), scaled to
+    mean 1; the zero frequency (mean removed) weighs 0. A ring of radius r holds ~2 pi r
+    frequencies, so each whole ring weighs alike, as each radius does in Durall et al.'s 1-D
+    azimuthal average: by a plain mean the eight frequencies of the largest scale weigh as much
+    as any eight of the 4,096."""
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    radius = torch.hypot(*torch.meshgrid(offsets, offsets, indexing="ij"))
+    weights = 1.0 / radius.clamp(min=1.0)
+    weights[size // 2, size // 2] = 0.0
+    return weights / weights.mean()
+
+
+def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor,
+                           weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Its value: mean over frequencies of ``gap``^2 (times ``weights``, if given), the gap in
+    decades between the generated and the real spectrum. Its gradient: that of mean
+    (log10 P_fake - log10 P_real)^2 through the batch's own spectrum ``fake_power``, with the
+    (less noisy) ``gap`` standing in for the batch's. Durall et al. compare 1-D azimuthal
+    averages; here the whole 2-D map, because nearest upsampling copies a texture to a few
+    directional (fy, fx) an average blurs together."""
+    weights = torch.ones_like(gap) if weights is None else weights
+    gap = gap.detach()
+    surrogate = (2 * weights * gap * torch.log10(fake_power + EPS)).mean()
+    return (weights * gap.pow(2)).mean() + surrogate - surrogate.detach()
 
 
 class SpectrumTracker(nn.Module):
@@ -43,9 +60,12 @@ class SpectrumTracker(nn.Module):
     about 0.01 decades, so where the spectra agree the gradient is ~0 and it pushes where they
     do not."""
 
-    def __init__(self, size: int, momentum: float = 0.02):
+    def __init__(self, size: int, momentum: float = 0.02, weighting: str = "uniform"):
         super().__init__()
         self.momentum = momentum
+        # Not saved: derived from the size, so runs from before it resume unchanged.
+        self.register_buffer("weights", ring_weights(size) if weighting == "ring" else torch.ones(size, size),
+                             persistent=False)
         self.register_buffer("real", torch.zeros(size, size))
         self.register_buffer("fake", torch.zeros(size, size))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -58,4 +78,4 @@ class SpectrumTracker(nn.Module):
             self.fake.lerp_(fake_power.detach(), rate)
             self.steps += 1
             gap = torch.log10(self.fake + EPS) - torch.log10(self.real + EPS)
-        return spectrum_matching_loss(fake_power, gap)
+        return spectrum_matching_loss(fake_power, gap, self.weights)

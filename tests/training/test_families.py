@@ -28,7 +28,7 @@ from t2i.training.losses import (
     pooled_alignment_loss,
 )
 from t2i.training.optim import extend_schedule, make_optimizer
-from t2i.training.spectrum import SpectrumTracker
+from t2i.training.spectrum import SpectrumTracker, ring_weights
 
 TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "loss.align_weight=0"]
 
@@ -441,6 +441,27 @@ def test_spectrum_term_tracks_the_gap_and_pulls_the_draws_toward_the_real_spectr
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_weight=1.0"])
     with pytest.raises(config_lib.ConfigError, match="spectrum_weight must be >= 0"):
         config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weight=-1"])
+
+
+def test_ring_weighting_weighs_the_largest_scales_as_durall_s_radial_average_does(shapes_dir):
+    """Weights 1 / |f| (mean 1, none at the zero frequency): an excess of large-scale contrast,
+    a handful of the 4,096 frequencies, counts for several times more than under a plain mean;
+    a checkerboard at the highest frequency for less. The weights are not saved, so runs from
+    before them resume."""
+    images, _ = fixed_batch(shapes_dir, 16)
+    images = 0.1 + 0.8 * images  # room for the added patterns without clipping (which spreads them)
+    weights = ring_weights(64)
+    assert weights.mean().item() == pytest.approx(1.0) and weights[32, 32] == 0
+    assert weights[32, 33] > weights[32, 34] > weights[32, 40] > weights[32, 0] > 0
+    ramp = torch.arange(64.0)
+    banded = images + 0.1 * torch.cos(2 * torch.pi * (ramp[:, None] + ramp[None, :]) / 64)
+    checker = images + 0.1 * ((ramp[:, None] + ramp[None, :]) % 2)
+    for excess, ring_over_plain in ((banded, lambda r: r > 5), (checker, lambda r: r < 1)):
+        plain, ring = (SpectrumTracker(64, weighting=w)(excess, images).item() for w in ("uniform", "ring"))
+        assert ring_over_plain(ring / plain), (ring, plain)
+    assert "weights" not in SpectrumTracker(64, weighting="ring").state_dict()
+    with pytest.raises(config_lib.ConfigError, match="spectrum_weighting must be one of"):
+        config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weighting=radial"])
 
 
 def test_state_digest_sees_any_change_but_not_memory_layout():
