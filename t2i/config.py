@@ -337,12 +337,6 @@ def validate(cfg: Config) -> None:
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
     if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
-    if cfg.train.epochs < 1:
-        problems.append("train.epochs must be >= 1")
-    if cfg.train.num_workers < 0:
-        problems.append("train.num_workers must be >= 0")
-    if cfg.data.batch_size < 1:
-        problems.append("data.batch_size must be >= 1")
     if cfg.data.eval_captions < 0:
         problems.append("data.eval_captions must be >= 0 (0 = every caption)")
     if cfg.data.cache_mb < 0:
@@ -350,9 +344,11 @@ def validate(cfg: Config) -> None:
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight",
-                "loss.spectrum_weight", "optim.ema_decay", "model.pixel_noise")
-    if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key)]):
-        problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at 0 / \"\"")
+                "loss.spectrum_weight", "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise")
+    if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]):
+        problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at their defaults")
+    if cfg.loss.spectrum_weighting != "uniform" and not cfg.loss.spectrum_weight:
+        problems.append("loss.spectrum_weighting weighs the spectral term, which is off: set loss.spectrum_weight > 0")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
     for key in ("loss.augment", "loss.align_augment"):
@@ -363,7 +359,8 @@ def validate(cfg: Config) -> None:
     minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "loss.spectrum_weight": 0, "optim.grad_clip": 0,
                 "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
                 "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
-                "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0}
+                "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0,
+                "train.epochs": 1, "train.num_workers": 0, "data.batch_size": 1}
     for key, low in minimums.items():
         if (value := _get(cfg, key)) < low:
             problems.append(f"{key} must be >= {low}, got {value}" + (" (-1: retry without end)" if low == -1 else ""))

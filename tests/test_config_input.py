@@ -23,6 +23,8 @@ from t2i.config import ConfigError
     ("optim.weight_decay=-5", "optim.weight_decay must be >= 0"),
     ("train.cpus_per_worker=-0.5", "train.cpus_per_worker must be >= 0"),
     ("train.keep_best=-4", "train.keep_best must be >= 1"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("loss.spectrum_weighting=ring", "spectrum_weighting: gan-family settings"),
     ("train.max_failures=-9", "train.max_failures must be >= -1"),
     ("model.width=100000", "GB to train); at most 1,000M"),
     ("data.shapes_n=-5", "data.shapes_n must be >= 50"),

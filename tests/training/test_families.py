@@ -462,6 +462,8 @@ def test_ring_weighting_weighs_the_largest_scales_as_durall_s_radial_average_doe
     assert "weights" not in SpectrumTracker(64, weighting="ring").state_dict()
     with pytest.raises(config_lib.ConfigError, match="spectrum_weighting must be one of"):
         config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weighting=radial"])
+    with pytest.raises(config_lib.ConfigError, match="weighs the spectral term, which is off"):
+        config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weight=0", "loss.spectrum_weighting=ring"])
 
 
 def test_state_digest_sees_any_change_but_not_memory_layout():
