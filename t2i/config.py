@@ -345,7 +345,8 @@ def validate(cfg: Config) -> None:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight",
                 "loss.spectrum_weight", "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise")
-    if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]):
+    defaults = Config()
+    if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key) != _get(defaults, key)]):
         problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at their defaults")
     if cfg.loss.spectrum_weighting != "uniform" and not cfg.loss.spectrum_weight:
         problems.append("loss.spectrum_weighting weighs the spectral term, which is off: set loss.spectrum_weight > 0")

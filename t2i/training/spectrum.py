@@ -38,15 +38,13 @@ def ring_weights(size: int) -> torch.Tensor:
     return weights / weights.mean()
 
 
-def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor,
-                           weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Its value: mean over frequencies of ``gap``^2 (times ``weights``, if given), the gap in
-    decades between the generated and the real spectrum. Its gradient: that of mean
+def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Its value: mean over frequencies of ``weights`` x ``gap``^2, the gap in decades between
+    the generated and the real spectrum. Its gradient: that of the weighted mean of
     (log10 P_fake - log10 P_real)^2 through the batch's own spectrum ``fake_power``, with the
     (less noisy) ``gap`` standing in for the batch's. Durall et al. compare 1-D azimuthal
     averages; here the whole 2-D map, because nearest upsampling copies a texture to a few
     directional (fy, fx) an average blurs together."""
-    weights = torch.ones_like(gap) if weights is None else weights
     gap = gap.detach()
     surrogate = (2 * weights * gap * torch.log10(fake_power + EPS)).mean()
     return (weights * gap.pow(2)).mean() + surrogate - surrogate.detach()
