@@ -86,7 +86,8 @@ class LossConfig:
                                    # collapsing together (a quarter of the batch drawn twice); 0 = off
     spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the real batch's
                                    # (Durall et al. 2020's spectral regularisation); 0 = off
-    spectrum_weighting: str = "uniform"  # each frequency alike, or "ring": each radius alike (Durall's 1-D average)
+    spectrum_weighting: str = "uniform"  # each frequency alike; "ring": each radius alike (Durall's 1-D
+                                   # average); "power": + each one's share of the photos' power
 
 
 @dataclass
@@ -152,7 +153,7 @@ CHOICES = {
     "model.block": ("plain", "residual"),
     "model.padding": ("zeros", "reflect"),
     "loss.likelihood": ("gaussian", "bernoulli"),
-    "loss.spectrum_weighting": ("uniform", "ring"),
+    "loss.spectrum_weighting": ("uniform", "ring", "power"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),

@@ -38,6 +38,15 @@ def ring_weights(size: int) -> torch.Tensor:
     return weights / weights.mean()
 
 
+def power_weights(real_power: torch.Tensor) -> torch.Tensor:
+    """1 + each frequency's share of the photos' power (mean share 1): the log-gap's plain pull
+    everywhere, plus one that grows with the power. A gap in decades moves the pixels by about
+    gap / amplitude per unit of loss, so under a plain mean the largest scales, whose amplitude
+    is 2-3 decades above the finest's, barely pull; weighting by power evens that out (for a
+    small gap, P_real x gap^2 is the linear-power chi-square distance, up to a constant)."""
+    return 1.0 + real_power / real_power.mean()
+
+
 def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Its value: mean over frequencies of ``weights`` x ``gap``^2, the gap in decades between
     the generated and the real spectrum. Its gradient: that of the weighted mean of
@@ -61,6 +70,7 @@ class SpectrumTracker(nn.Module):
     def __init__(self, size: int, momentum: float = 0.02, weighting: str = "uniform"):
         super().__init__()
         self.momentum = momentum
+        self.by_power = weighting == "power"  # weights follow the real spectrum, set each step
         # Not saved: derived from the size, so runs from before it resume unchanged.
         self.register_buffer("weights", ring_weights(size) if weighting == "ring" else torch.ones(size, size),
                              persistent=False)
@@ -76,4 +86,5 @@ class SpectrumTracker(nn.Module):
             self.fake.lerp_(fake_power.detach(), rate)
             self.steps += 1
             gap = torch.log10(self.fake + EPS) - torch.log10(self.real + EPS)
-        return spectrum_matching_loss(fake_power, gap, self.weights)
+            weights = power_weights(self.real) if self.by_power else self.weights
+        return spectrum_matching_loss(fake_power, gap, weights)

@@ -28,7 +28,7 @@ from t2i.training.losses import (
     pooled_alignment_loss,
 )
 from t2i.training.optim import extend_schedule, make_optimizer
-from t2i.training.spectrum import SpectrumTracker, ring_weights
+from t2i.training.spectrum import SpectrumTracker, power_weights, ring_weights
 
 TINY_GAN = ["model.width=8", "model.hidden=32", "model.latent_dim=8", "loss.align_weight=0"]
 
@@ -464,6 +464,27 @@ def test_ring_weighting_weighs_the_largest_scales_as_durall_s_radial_average_doe
         config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weighting=radial"])
     with pytest.raises(config_lib.ConfigError, match="weighs the spectral term, which is off"):
         config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weight=0", "loss.spectrum_weighting=ring"])
+
+
+def test_power_weighting_lets_the_largest_scales_pull_as_hard_as_the_finest(shapes_dir):
+    """Weights 1 + the photos' power share: an excess of large-scale contrast counts for far more
+    than under a plain mean (its log-gap alone barely moves pixels there), a checkerboard at the
+    highest frequency about as much; the weights follow the tracked real spectrum, unsaved."""
+    images, _ = fixed_batch(shapes_dir, 16)
+    images = 0.1 + 0.8 * images  # room for the added patterns without clipping (which spreads them)
+    ramp = torch.arange(64.0)
+    banded = images + 0.1 * torch.cos(2 * torch.pi * (ramp[:, None] + ramp[None, :]) / 64)
+    checker = images + 0.1 * ((ramp[:, None] + ramp[None, :]) % 2)
+    for excess, power_over_plain in ((banded, lambda r: r > 20), (checker, lambda r: 0.9 < r < 1.5)):
+        plain, power = (SpectrumTracker(64, weighting=w)(excess, images).item() for w in ("uniform", "power"))
+        assert power_over_plain(power / plain), (power, plain)
+    tracker = SpectrumTracker(64, weighting="power")
+    tracker(images, images)
+    weights = power_weights(tracker.real)
+    assert weights.mean().item() == pytest.approx(2.0) and weights.min() >= 1.0
+    assert weights[32, 33] > 10 * weights[32, 63]
+    assert set(tracker.state_dict()) == {"real", "fake", "steps"}
+    config_lib.load(REPO / "t2i" / "configs" / "gan.toml", ["loss.spectrum_weighting=power"])
 
 
 def test_state_digest_sees_any_change_but_not_memory_layout():
