@@ -198,12 +198,22 @@ def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
                                      **({"align_corners": False} if mode == "bilinear" else {}))
 
 
+def flat_spectrum_basis(count: int, size: int) -> torch.Tensor:
+    """(count, size * size): random-phase images whose power is exactly 1 at every frequency
+    (mean square 1 per pixel). Gaussian draws have that power only on average: a fixed basis of
+    64 of them keeps a speckle of +-0.05 decades (up to +0.16) at each frequency, which no 3x3
+    conv after it can undo and the grid check reads as spikes."""
+    spectrum = torch.fft.fft2(torch.randn(count, size, size))
+    images = torch.fft.ifft2(spectrum / spectrum.abs().clamp(min=1e-12)).real  # |W(f)| = |W(-f)|: real
+    return (images / images.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()).reshape(count, size * size)
+
+
 class PixelNoise(nn.Module):
     """StyleGAN's noise inputs (Karras et al. 2019, sec. 3.2 and fig. 1, "B"): one noise image
     added to every channel of a conv's output with a learned per-channel strength. A filtered
     upsampling passes on no detail finer than the coarse map's; this gives each resolution its own
     source, stationary, so it makes no grid. The noise image is a fixed random projection of the
-    generator's noise z (variance 1 per pixel) rather than a fresh draw: a seed still fixes the
+    generator's noise z (variance 1 per pixel, the same power at every frequency) rather than a fresh draw: a seed still fixes the
     image (``sample_from_noise``, serving), and z = 0 (the mean draw) adds none.
 
     StyleGAN starts the strengths at 0 and trains them at lr 0.002; at the gan's 1e-4 they
@@ -215,7 +225,7 @@ class PixelNoise(nn.Module):
 
     def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1):
         super().__init__()
-        self.register_buffer("basis", torch.randn(source_dim, size * size) / math.sqrt(source_dim))
+        self.register_buffer("basis", flat_spectrum_basis(source_dim, size) / math.sqrt(source_dim))
         self.scaled_strength = nn.Parameter(torch.full((channels,), initial / self.LR_GAIN))
 
     @property

@@ -766,6 +766,10 @@ def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes(
     not_zero_frequency = torch.ones_like(power, dtype=torch.bool)
     not_zero_frequency[16, 16] = False  # fftshift puts it at the centre; each image's mean is removed
     assert float(power[not_zero_frequency].std()) < 0.1, "the noise image is white: the same power at every frequency"
+    expected = torch.fft.fft2(noise.basis.view(64, 32, 32)).abs().pow(2).sum(0)  # E_z |N(f)|^2, z ~ N(0, 1)
+    assert float(torch.log10(expected).std()) < 1e-4, "exactly, not only on average over bases"
+    gaussian = torch.fft.fft2(torch.randn(64, 32, 32)).abs().pow(2).sum(0)
+    assert float(torch.log10(gaussian).std()) > 0.03  # the speckle a basis of Gaussian draws keeps
 
     cfg = config_lib.load("gan", ["model.upsample=lanczos", "model.padding=reflect", "model.pixel_noise=true",
                                   "model.width=4", "model.hidden=16", "model.latent_dim=8"])
