@@ -65,6 +65,7 @@ class ModelConfig:
     # its blocks: "plain" (upsample, one conv, BN, caption affine) or "residual" (DF-GAN's, ~1.6x the convs)
     block: str = "plain"
     pixel_noise: bool = False      # gan: StyleGAN's per-pixel noise inputs in every block (fine detail, no grid)
+    noise_basis: str = "gaussian"  # gan: the noise's fixed basis, "gaussian" draws or "flat" (no spectral speckle)
     image_size: int = 64
 
 
@@ -152,6 +153,7 @@ CHOICES = {
     "model.upsample": ("nearest", "bilinear", "lanczos"),
     "model.block": ("plain", "residual"),
     "model.padding": ("zeros", "reflect"),
+    "model.noise_basis": ("gaussian", "flat"),
     "loss.likelihood": ("gaussian", "bernoulli"),
     "loss.spectrum_weighting": ("uniform", "ring", "power"),
     "optim.name": ("rmsprop", "adam"),
@@ -338,19 +340,15 @@ def validate(cfg: Config) -> None:
         problems.append("model.decoder: the seed family decodes z alone; use 'plain' (or family 'cvae')")
     if cfg.model.family == "gan" and (cfg.model.decoder != "modulated" or cfg.optim.name != "adam"):
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
-    if cfg.data.eval_captions < 0:
-        problems.append("data.eval_captions must be >= 0 (0 = every caption)")
-    if cfg.data.cache_mb < 0:
-        problems.append("data.cache_mb must be >= 0 (0 = always stream)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight",
-                "loss.spectrum_weight", "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise")
+                "loss.spectrum_weight", "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise", "model.noise_basis")
     defaults = Config()
     if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key) != _get(defaults, key)]):
         problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at their defaults")
-    if cfg.loss.spectrum_weighting != "uniform" and not cfg.loss.spectrum_weight:
-        problems.append("loss.spectrum_weighting weighs the spectral term, which is off: set loss.spectrum_weight > 0")
+    if cfg.model.noise_basis != "gaussian" and not cfg.model.pixel_noise:
+        problems.append("model.noise_basis shapes the noise inputs, which are off: set model.pixel_noise = true")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
     for key in ("loss.augment", "loss.align_augment"):
@@ -362,7 +360,8 @@ def validate(cfg: Config) -> None:
                 "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
                 "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
                 "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0,
-                "train.epochs": 1, "train.num_workers": 0, "data.batch_size": 1}
+                "train.epochs": 1, "train.num_workers": 0, "data.batch_size": 1, "data.eval_captions": 0,
+                "data.cache_mb": 0}
     for key, low in minimums.items():
         if (value := _get(cfg, key)) < low:
             problems.append(f"{key} must be >= {low}, got {value}" + (" (-1: retry without end)" if low == -1 else ""))

@@ -25,6 +25,7 @@ from t2i.config import ConfigError
     ("train.keep_best=-4", "train.keep_best must be >= 1"),
     ("train.epochs=0", "train.epochs must be >= 1"),
     ("loss.spectrum_weighting=ring", "spectrum_weighting: gan-family settings"),
+    ("model.noise_basis=flat", "noise_basis: gan-family settings"),
     ("train.max_failures=-9", "train.max_failures must be >= -1"),
     ("model.width=100000", "GB to train); at most 1,000M"),
     ("data.shapes_n=-5", "data.shapes_n must be >= 50"),

@@ -223,9 +223,10 @@ class PixelNoise(nn.Module):
 
     LR_GAIN = 10.0
 
-    def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1):
+    def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1, basis: str = "gaussian"):
         super().__init__()
-        self.register_buffer("basis", flat_spectrum_basis(source_dim, size) / math.sqrt(source_dim))
+        images = flat_spectrum_basis(source_dim, size) if basis == "flat" else torch.randn(source_dim, size * size)
+        self.register_buffer("basis", images / math.sqrt(source_dim))
         self.scaled_strength = nn.Parameter(torch.full((channels,), initial / self.LR_GAIN))
 
     @property
@@ -317,7 +318,7 @@ class ModulatedDecoder(nn.Module):
         channels = [8 * width, 4 * width, 2 * width, width, width]
         self.blocks = nn.ModuleList(
             UP_BLOCKS[cfg.block](a, b, cond_dim, cfg.upsample, padding,
-                                 PixelNoise(noise_dim, b, 8 << i) if noise_dim else None)
+                                 PixelNoise(noise_dim, b, 8 << i, basis=cfg.noise_basis) if noise_dim else None)
             for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))
         # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
         pre_activation = [nn.LeakyReLU(0.2)] if cfg.block == "residual" else []
