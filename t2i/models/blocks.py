@@ -213,7 +213,8 @@ class PixelNoise(nn.Module):
     added to every channel of a conv's output with a learned per-channel strength. A filtered
     upsampling passes on no detail finer than the coarse map's; this gives each resolution its own
     source, stationary, so it makes no grid. The noise image is a fixed random projection of the
-    generator's noise z (variance 1 per pixel, the same power at every frequency) rather than a fresh draw: a seed still fixes the
+    generator's noise z (variance 1 per pixel; ``basis`` "flat": the same power at every
+    frequency, see :func:`flat_spectrum_basis`) rather than a fresh draw: a seed still fixes the
     image (``sample_from_noise``, serving), and z = 0 (the mean draw) adds none.
 
     StyleGAN starts the strengths at 0 and trains them at lr 0.002; at the gan's 1e-4 they
