@@ -66,6 +66,7 @@ class ModelConfig:
     block: str = "plain"
     pixel_noise: bool = False      # gan: StyleGAN's per-pixel noise inputs in every block (fine detail, no grid)
     noise_basis: str = "gaussian"  # gan: the noise's fixed basis, "gaussian" draws or "flat" (no spectral speckle)
+    noise_images: str = "shared"   # gan: one noise image per block ("shared", StyleGAN's) or one per channel
     image_size: int = 64
 
 
@@ -153,7 +154,7 @@ CHOICES = {
     "model.upsample": ("nearest", "bilinear", "lanczos"),
     "model.block": ("plain", "residual"),
     "model.padding": ("zeros", "reflect"),
-    "model.noise_basis": ("gaussian", "flat"),
+    "model.noise_basis": ("gaussian", "flat"), "model.noise_images": ("shared", "per_channel"),
     "loss.likelihood": ("gaussian", "bernoulli"),
     "loss.spectrum_weighting": ("uniform", "ring", "power"),
     "optim.name": ("rmsprop", "adam"),
@@ -342,13 +343,14 @@ def validate(cfg: Config) -> None:
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight",
-                "loss.spectrum_weight", "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise", "model.noise_basis")
-    defaults = Config()
-    if cfg.model.family != "gan" and (used := [key for key in gan_only if _get(cfg, key) != _get(defaults, key)]):
-        problems.append(f"{', '.join(used)}: gan-family settings (the VAEs never use them); leave them at their defaults")
-    if cfg.model.noise_basis != "gaussian" and not cfg.model.pixel_noise:
-        problems.append("model.noise_basis shapes the noise inputs, which are off: set model.pixel_noise = true")
+    noise_shape = ("model.noise_basis", "model.noise_images")
+    gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
+                "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise", *noise_shape)
+    changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
+    if cfg.model.family != "gan" and changed:
+        problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")
+    if not cfg.model.pixel_noise and (shaping := [key for key in changed if key in noise_shape]):
+        problems.append(f"{', '.join(shaping)} shapes the noise inputs, which are off: set model.pixel_noise = true")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
     for key in ("loss.augment", "loss.align_augment"):

@@ -208,6 +208,20 @@ def flat_spectrum_basis(count: int, size: int) -> torch.Tensor:
     return (images / images.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()).reshape(count, size * size)
 
 
+def channel_signs(channels: int, count: int) -> torch.Tensor:
+    """(channels, count) of +-1, to combine ``count`` basis images into one noise image per channel.
+    Rows of a Sylvester-Hadamard matrix in random order where ``count`` is a power of two: their
+    mutual orthogonality leaves the channels' images uncorrelated (exactly so over a flat basis;
+    past ``count`` channels the rows repeat in a new order). Otherwise random signs (correlated
+    ~1 / sqrt(count))."""
+    if count & (count - 1):
+        return torch.randint(0, 2, (channels, count)).float() * 2 - 1
+    hadamard = torch.ones(1, 1)
+    while len(hadamard) < count:
+        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
+    return hadamard[torch.cat([torch.randperm(count) for _ in range(-(-channels // count))])[:channels]]
+
+
 class PixelNoise(nn.Module):
     """StyleGAN's noise inputs (Karras et al. 2019, sec. 3.2 and fig. 1, "B"): one noise image
     added to every channel of a conv's output with a learned per-channel strength. A filtered
@@ -220,14 +234,23 @@ class PixelNoise(nn.Module):
     StyleGAN starts the strengths at 0 and trains them at lr 0.002; at the gan's 1e-4 they
     random-walked to ~0.003 in 4 epochs (docs/results.md). So they start at ``initial`` (about a
     fifth of a fresh conv's output scale) and learn ``LR_GAIN`` times faster: ProGAN's runtime
-    weight scaling (Karras et al. 2018, sec. 4.1), under Adam a per-parameter learning rate."""
+    weight scaling (Karras et al. 2018, sec. 4.1), under Adam a per-parameter learning rate.
+
+    ``per_channel``: each channel gets its own noise image, the basis combined with that channel's
+    fixed signs (:func:`channel_signs`; still variance 1 per pixel).
+    One shared image reaches the next conv's output through a single effective 3x3 kernel (the
+    strengths times the weights, summed over channels), whose power has a direction; independent
+    images add up as a sum of the kernels' powers."""
 
     LR_GAIN = 10.0
 
-    def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1, basis: str = "gaussian"):
+    def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1, basis: str = "gaussian",
+                 per_channel: bool = False):
         super().__init__()
         images = flat_spectrum_basis(source_dim, size) if basis == "flat" else torch.randn(source_dim, size * size)
         self.register_buffer("basis", images / math.sqrt(source_dim))
+        # None is not saved: checkpoints with shared images load unchanged
+        self.register_buffer("signs", channel_signs(channels, source_dim) if per_channel else None)
         self.scaled_strength = nn.Parameter(torch.full((channels,), initial / self.LR_GAIN))
 
     @property
@@ -235,7 +258,10 @@ class PixelNoise(nn.Module):
         return self.scaled_strength * self.LR_GAIN
 
     def forward(self, x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        noise = (source.to(x.dtype) @ self.basis.to(x.dtype)).view(x.shape[0], 1, *x.shape[2:])
+        source = source.to(x.dtype)
+        if self.signs is not None:  # (B, 1, S) x (C, S) -> (B, C, S): one combination per channel
+            source = source[:, None, :] * self.signs.to(x.dtype)
+        noise = (source @ self.basis.to(x.dtype)).view(x.shape[0], -1, *x.shape[2:])
         return x + self.strength.to(x.dtype).view(1, -1, 1, 1) * noise
 
 
@@ -319,7 +345,8 @@ class ModulatedDecoder(nn.Module):
         channels = [8 * width, 4 * width, 2 * width, width, width]
         self.blocks = nn.ModuleList(
             UP_BLOCKS[cfg.block](a, b, cond_dim, cfg.upsample, padding,
-                                 PixelNoise(noise_dim, b, 8 << i, basis=cfg.noise_basis) if noise_dim else None)
+                                 PixelNoise(noise_dim, b, 8 << i, basis=cfg.noise_basis,
+                                            per_channel=cfg.noise_images == "per_channel") if noise_dim else None)
             for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))
         # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
         pre_activation = [nn.LeakyReLU(0.2)] if cfg.block == "residual" else []
