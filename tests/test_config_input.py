@@ -26,6 +26,7 @@ from t2i.config import ConfigError
     ("train.epochs=0", "train.epochs must be >= 1"),
     ("loss.spectrum_weighting=ring", "spectrum_weighting: gan-family settings"),
     ("model.noise_basis=flat", "noise_basis: gan-family settings"),
+    ("model.noise_images=per_channel", "noise_images: gan-family settings"),
     ("train.max_failures=-9", "train.max_failures must be >= -1"),
     ("model.width=100000", "GB to train); at most 1,000M"),
     ("data.shapes_n=-5", "data.shapes_n must be >= 50"),

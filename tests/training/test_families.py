@@ -789,3 +789,36 @@ def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes(
         assert torch.equal(draws, generator.sample(words, 1, generator=torch.Generator().manual_seed(3))[:, 0])
         high_share[strength] = high_frequency_share(draws)
     assert high_share[1.0] > 2 * high_share[0.0], high_share
+
+
+def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_no_direction():
+    """``per_channel``: each channel's noise image is the basis under its own row of Hadamard
+    signs (uncorrelated images of the same variance). One shared image passes a conv as through a
+    single 3x3 kernel, whose power swings with the frequency; independent images add as the sum of
+    the kernels' powers, nearly flat. Old checkpoints (no ``signs`` buffer) still load."""
+    from t2i.models.blocks import PixelNoise, channel_signs
+
+    torch.manual_seed(0)
+    signs = channel_signs(96, 64)
+    assert torch.equal(signs[:64] @ signs[:64].t(), 64 * torch.eye(64)), "orthogonal rows"
+    assert set(signs.unique().tolist()) == {-1.0, 1.0} and channel_signs(5, 48).shape == (5, 48)
+    shared = PixelNoise(64, 24, 32, initial=1.0, basis="flat")
+    per_channel = PixelNoise(64, 24, 32, initial=1.0, basis="flat", per_channel=True)
+    assert "signs" not in shared.state_dict() and per_channel.state_dict()["signs"].shape == (24, 64)
+    per_channel.load_state_dict(per_channel.state_dict())
+    source, blank = torch.randn(512, 64), torch.zeros(512, 24, 32, 32)
+    images = per_channel(blank, source).detach()
+    assert abs(float(images.var()) - 1) < 0.1 and torch.equal(per_channel(blank, torch.zeros(512, 64)), blank)
+    correlation = torch.corrcoef(images.transpose(0, 1).reshape(24, -1))
+    assert float((correlation - torch.eye(24)).abs().max()) < 0.05, "the channels' images are uncorrelated"
+
+    conv = torch.nn.Conv2d(24, 1, 3, padding=1, padding_mode="circular", bias=False)
+
+    def spread_after_conv(layer: PixelNoise) -> float:  # std over frequencies of log10 power, in decades
+        power = torch.fft.fft2(conv(layer(blank, source)).detach()[:, 0]).abs().pow(2).mean(0)
+        return float(torch.log10(power.flatten()[1:]).std())
+
+    assert spread_after_conv(per_channel) < 0.5 * spread_after_conv(shared), (
+        spread_after_conv(per_channel), spread_after_conv(shared))
+    with pytest.raises(config_lib.ConfigError, match="noise_images shapes the noise inputs, which are off"):
+        config_lib.load("gan", ["model.pixel_noise=false", "model.noise_images=per_channel"])
