@@ -13,13 +13,16 @@ the chain, so a replica shows as an excess that its source carries too.
 With ``--rank spike`` the frequencies are ranked by their excess above their 8 neighbours'
 (``spectrum_spike``: a grid's swing, which a broad excess of contrast does not have).
 With ``--windowed`` both spectra are taken through a Hann window (``spectrum_windowed_*``).
+With ``--angles`` it also prints the mean excess by ring and direction: an excess of texture in
+one direction (or a shortfall of the photos' horizontal and vertical structure) shows there.
 
-    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed]
+    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed] [--angles]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +36,8 @@ from t2i.evaluation.distribution import isolated_excess, log_power_spectrum
 from t2i.training import checkpoint as ckpt_lib
 
 COARSE_SIDES = (32, 16, 8)  # the maps the generator's blocks upsample, last first
+RINGS = ((1, 4), (4, 10), (10, 20), (20, 32))  # radii in cycles per image, [low, high)
+SECTORS = 8  # directions over half a turn (the spectra are point-symmetric)
 
 
 def upsampling_chain(fy: int, fx: int) -> list[tuple[int, int]]:
@@ -47,6 +52,17 @@ def upsampling_chain(fy: int, fx: int) -> list[tuple[int, int]]:
     return chain
 
 
+def excess_by_direction(excess: torch.Tensor) -> list[tuple[tuple[int, int], list[float]]]:
+    """[((low, high), mean excess in each of SECTORS directions)] for each of RINGS. Direction
+    0 starts at the fx axis (power there is the images' vertical edges) and turns towards +fy."""
+    side = excess.shape[0]
+    fy, fx = torch.meshgrid(*(torch.arange(side) - side // 2,) * 2, indexing="ij")
+    radius, angle = torch.hypot(fy.float(), fx.float()), torch.atan2(fy.float(), fx.float()) % math.pi
+    sector = (angle / (math.pi / SECTORS)).long().clamp(max=SECTORS - 1)
+    return [((low, high), [float(excess[(radius >= low) & (radius < high) & (sector == k)].mean())
+                           for k in range(SECTORS)]) for low, high in RINGS]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best checkpoint) or a model.pt")
@@ -56,6 +72,7 @@ def main() -> None:
     parser.add_argument("--rank", choices=("peak", "spike"), default="peak",
                         help="rank by the excess (peak) or by the excess above the neighbours' (spike)")
     parser.add_argument("--windowed", action="store_true", help="Hann-window the images first (no edge jumps)")
+    parser.add_argument("--angles", action="store_true", help="also print the mean excess by ring and direction")
     args = parser.parse_args()
     model = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint)).model.eval()
     test = read_split_arrays(args.data, load_manifest(args.data), "test")
@@ -87,6 +104,11 @@ def main() -> None:
         print(f"{f!s:>10s}: excess {power(fake, f) - power(real, f):+.2f}{spike}" + "".join(
             f"{' <- ' if i else ' | '}{g}: generated {power(fake, g):.2f}, real {power(real, g):.2f}"
             for i, g in enumerate(chain)))
+    if args.angles:
+        print("mean excess by radius (cycles per image) and direction (degrees from the fx axis):")
+        print(" " * 8 + "".join(f"{f'{k * 180 / SECTORS:.0f}-{(k + 1) * 180 / SECTORS:.0f}':>8s}" for k in range(SECTORS)))
+        for (low, high), means in excess_by_direction(excess):
+            print(f"{low:>3d}-{high:<4d}" + "".join(f"{m:+8.2f}" for m in means))
 
 
 if __name__ == "__main__":

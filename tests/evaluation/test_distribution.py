@@ -86,3 +86,23 @@ def test_the_windowed_check_sees_the_grid_but_not_the_edge_jump(shapes_images):
     assert windowed["grid2"]["peak"] > 1.2 and windowed["grid2"]["spike"] > 0.6, windowed  # a grid shows through it
     assert windowed["grid2"]["peak_at"] == plain["grid2"]["peak_at"]
     assert not torch.equal(log_power_spectrum(real, windowed=True), log_power_spectrum(real))
+
+
+def test_the_probe_sorts_an_excess_by_direction():
+    """benchmarks/probe_spectrum.py --angles: an excess on the fx axis (the images' vertical
+    edges) lands in direction 0 only, and a texture along one oblique line in that line's sector
+    (its mirror image stays at 0)."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("probe_spectrum", REPO / "benchmarks" / "probe_spectrum.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    offsets = torch.arange(64) - 32
+    fy, fx = torch.meshgrid(offsets, offsets, indexing="ij")
+    for excess_at, sector in (((fy == 0) & (fx != 0), 0), ((fy == -2 * fx) & (fy != 0), 5)):
+        table = dict(probe.excess_by_direction(excess_at.float()))
+        assert list(table) == list(probe.RINGS)
+        for means in table.values():
+            assert means[sector] > 0 and all(m == 0 for k, m in enumerate(means) if k != sector), (sector, means)
