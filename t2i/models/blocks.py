@@ -237,10 +237,10 @@ class PixelNoise(nn.Module):
     weight scaling (Karras et al. 2018, sec. 4.1), under Adam a per-parameter learning rate.
 
     ``per_channel``: each channel gets its own noise image, the basis combined with that channel's
-    fixed signs (:func:`channel_signs`; still variance 1 per pixel).
-    One shared image reaches the next conv's output through a single effective 3x3 kernel (the
-    strengths times the weights, summed over channels), whose power has a direction; independent
-    images add up as a sum of the kernels' powers."""
+    fixed signs (:func:`channel_signs`; still variance 1 per pixel). One shared image reaches the
+    next conv's output through a single effective 3x3 kernel (the strengths times the weights,
+    summed over channels), whose power has a direction; independent images add up as a sum of
+    the kernels' powers."""
 
     LR_GAIN = 10.0
 
