@@ -795,7 +795,8 @@ def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_n
     """``per_channel``: each channel's noise image is the basis under its own row of Hadamard
     signs (uncorrelated images of the same variance). One shared image passes a conv as through a
     single 3x3 kernel, whose power swings with the frequency; independent images add as the sum of
-    the kernels' powers, nearly flat. Old checkpoints (no ``signs`` buffer) still load."""
+    the kernels' powers, nearly flat. Shared noise saves no ``signs`` (old checkpoints load as
+    before); per-channel checkpoints restore theirs."""
     from t2i.models.blocks import PixelNoise, channel_signs
 
     torch.manual_seed(0)
@@ -805,7 +806,9 @@ def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_n
     shared = PixelNoise(64, 24, 32, initial=1.0, basis="flat")
     per_channel = PixelNoise(64, 24, 32, initial=1.0, basis="flat", per_channel=True)
     assert "signs" not in shared.state_dict() and per_channel.state_dict()["signs"].shape == (24, 64)
-    per_channel.load_state_dict(per_channel.state_dict())
+    reloaded = PixelNoise(64, 24, 32, basis="flat", per_channel=True)  # draws signs of its own
+    reloaded.load_state_dict(per_channel.state_dict())
+    assert torch.equal(reloaded.signs, per_channel.signs), "a checkpoint restores its channels' signs"
     source, blank = torch.randn(512, 64), torch.zeros(512, 24, 32, 32)
     images = per_channel(blank, source).detach()
     assert abs(float(images.var()) - 1) < 0.1 and torch.equal(per_channel(blank, torch.zeros(512, 64)), blank)
