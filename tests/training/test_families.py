@@ -807,6 +807,7 @@ def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_n
     per_channel = PixelNoise(64, 24, 32, initial=1.0, basis="flat", per_channel=True)
     assert "signs" not in shared.state_dict() and per_channel.state_dict()["signs"].shape == (24, 64)
     reloaded = PixelNoise(64, 24, 32, basis="flat", per_channel=True)  # draws signs of its own
+    assert not torch.equal(reloaded.signs, per_channel.signs)
     reloaded.load_state_dict(per_channel.state_dict())
     assert torch.equal(reloaded.signs, per_channel.signs), "a checkpoint restores its channels' signs"
     source, blank = torch.randn(512, 64), torch.zeros(512, 24, 32, 32)
