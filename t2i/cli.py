@@ -123,6 +123,9 @@ ENTRY_COMMANDS = {"train": (train_main, TRAIN), "tune": (tune_main, TUNE)}
 def _prepare(args: argparse.Namespace) -> dict:
     from t2i.data import prepare  # noqa: PLC0415 - keep `--help` fast
 
+    if args.dataset == "shapes":  # drawn in-process: no --workers, no Ray
+        return prepare.prepare_shapes(args.out, n=args.n, seed=args.seed, glove=args.glove,
+                                      shard_rows=args.shard_rows, overwrite=args.overwrite)
     # On Ray Data when a cluster is there (RAY_ADDRESS) or --workers asks for tasks.
     on_ray = bool(os.environ.get("RAY_ADDRESS")) or args.workers is not None
     if args.dataset == "flickr8k":
@@ -135,8 +138,7 @@ def _prepare(args: argparse.Namespace) -> dict:
         if args.dataset == "coco":
             return prepare.prepare_coco(args.src, args.out, settings, karpathy=args.karpathy, year=args.year)
         return prepare.prepare_flickr30k(args.src, args.out, settings, karpathy=args.karpathy)
-    return prepare.prepare_shapes(args.out, n=args.n, seed=args.seed, glove=args.glove,
-                                  shard_rows=args.shard_rows, overwrite=args.overwrite)
+    raise ValueError(f"unknown dataset {args.dataset!r}")  # argparse's choices stop it first
 
 
 def _summary(manifest: dict) -> dict:

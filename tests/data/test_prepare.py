@@ -140,6 +140,14 @@ def test_shapes_deterministic_with_attributes_and_novel_split(tmp_path):
     assert a["skipped"] == {}
 
 
+def test_prepare_shapes_runs_from_the_command_line(tmp_path):
+    from t2i.cli import main as cli_main
+
+    assert cli_main(["prepare", "shapes", "--n", "120", "--out", str(tmp_path / "s")]) == 0
+    manifest = load_manifest(tmp_path / "s")
+    assert sum(split["images"] for split in manifest["splits"].values()) == 120
+
+
 def test_parquet_reads_with_ray_data(shapes_dir, ray_session):
     import ray.data
 
