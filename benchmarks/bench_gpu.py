@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,27 +99,49 @@ class GpuUtilisation:
         return float(np.mean(self.samples)) if self.samples else None
 
 
-def bench_family(config_file: Path, root: Path, device: torch.device, batch: int, epochs: int,
-                 max_steps: int | None = None) -> dict:
-    """``epochs`` timed epochs (at most ``max_steps`` steps each) of the config's training step."""
-    cfg = config_lib.load(config_file, [f"data.path={root}", f"data.batch_size={batch}"])
+@dataclass
+class Worker:
+    """What a Ray Train worker holds for one config: its networks, its cached shard and its step."""
+    cfg: config_lib.Config
+    vocab: object
+    family: object
+    cache: ShardCache
+    autocast: object
+    bf16: bool
+
+    def step(self, batch_dict: dict, progress: float) -> dict:
+        images, word_ids = to_model_inputs(batch_dict, self.cache.images.device)
+        return self.family.train_step(images, word_ids, progress, self.autocast)
+
+
+def make_worker(cfg: config_lib.Config, root: Path, device: torch.device) -> Worker:
+    """One worker as ``t2i.training.loop.train_func`` sets it up (alignment encoder frozen,
+    networks channels-last, bf16 autocast where the GPU computes it natively), with the
+    train split cached on ``device``; Ray itself stays out (one GPU: no DDP wrapper)."""
     manifest = load_manifest(root)
     vocab = load_vocabulary(root)
     aligner = None
     if cfg.loss.align_weight > 0:  # trained (or read from its cache) before timing, as on the driver
         aligner = encoders.load_or_train(encoders.ALIGNMENT_LOSS, str(root), manifest, vocab).to(device)
-    torch.manual_seed(0)
+    torch.manual_seed(cfg.train.seed)
     family = make_family(cfg, vocab.vectors, aligner)
+    for net in family.networks().values():
+        net.to(memory_format=torch.channels_last)
+    family.wrap(lambda net: net.to(device))
     family.move_frozen_helpers(device)
-    family.wrap(lambda net: net.to(device))  # one GPU: no DDP wrapper
     tables = [pq.read_table(path) for path in shard_paths(root, manifest, "train")]
     cache = ShardCache.from_train_tables(tables, manifest["image_size"], device)
     bf16 = device.type == "cuda" and cfg.train.amp and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    return Worker(cfg, vocab, family, cache, autocast, bf16)
 
-    def step(batch_dict, progress):
-        images, word_ids = to_model_inputs(batch_dict, device)
-        family.train_step(images, word_ids, progress, autocast)
+
+def bench_family(config_file: Path, root: Path, device: torch.device, batch: int, epochs: int,
+                 max_steps: int | None = None) -> dict:
+    """``epochs`` timed epochs (at most ``max_steps`` steps each) of the config's training step."""
+    cfg = config_lib.load(config_file, [f"data.path={root}", f"data.batch_size={batch}"])
+    worker = make_worker(cfg, root, device)
+    cache, step, bf16 = worker.cache, worker.step, worker.bf16
 
     first = next(cache.epoch_batches(batch, 0, 0, 0))
     from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415

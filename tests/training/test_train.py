@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -353,3 +354,25 @@ def test_a_local_ray_on_a_small_machine_keeps_no_idle_processes():
         assert env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"
     assert small["RAY_num_workers_soft_limit"] == "0" and small["RAY_prestart_worker_first_driver"] == "0"
     assert "RAY_num_workers_soft_limit" not in big  # enough cores: Ray's worker pool as it is
+
+
+def test_one_gpu_script_trains_outside_ray_and_writes_a_loadable_checkpoint(shapes_dir, tmp_path):
+    """benchmarks/train_gpu.py (for GPU machines without Ray), on the CPU: the worker's step,
+    a time budget turned into an epoch count, and t2i's checkpoint format."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "train_gpu.py"
+    done = subprocess.run([sys.executable, str(script), "--config", "seed_model1", "--data", str(shapes_dir),
+                           "--minutes", "0.05", "--out", str(out), "--device", "cpu", "--set", "model.width=8",
+                           "--set", "model.hidden=16", "--set", "model.latent_dim=8", "--set", "data.batch_size=64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    epochs = [json.loads(line) for line in (out / "epochs.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(epochs) == summary["epochs"] >= 2 and summary["config_epochs"] == 10
+    assert [e["epoch"] for e in epochs] == list(range(len(epochs))) and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    loaded = ckpt_lib.load(out)
+    assert loaded.state["epoch"] == len(epochs) - 1 and loaded.config.train.epochs == len(epochs)
+    assert loaded.config.model.width == 8
