@@ -9,7 +9,8 @@ and the checkpoint format are the worker's (bench_gpu's ``make_worker``); what R
 this leaves out is the per-epoch dev pass (so no best-epoch selection: the last epoch is
 saved), the sample grids and the run files. Two epochs are timed first; ``train.epochs`` is
 then set to what fits in ``--minutes`` (at most the config's), so a schedule ends where the run
-does. Writes ``OUT/model.pt`` (+ meta.json; ``t2i evaluate --checkpoint OUT`` scores it),
+does. Writes ``OUT/model.pt`` (+ meta.json; ``t2i evaluate --checkpoint OUT`` scores it;
+with ``optim.ema_decay`` the average, and the trained weights in ``OUT/trained/``),
 ``--checkpoints`` earlier ones as ``OUT/epoch_NNN/``, and ``OUT/epochs.jsonl`` (seconds and
 mean training terms per epoch).
 """
@@ -73,6 +74,11 @@ def save(worker, root: Path, folder: Path, epoch: int, epochs: int, record: dict
                **{k: v for k, v in record.items() if k.startswith("train_")}}
     ckpt_lib.save(folder, model=worker.family.generator, cfg=cfg, vocab=worker.vocab, epoch=epoch,
                   metrics=metrics, data=data)
+    if getattr(worker.family, "ema", None) is not None:  # the trained weights too, to score both
+        (folder / "trained").mkdir(exist_ok=True)
+        trained_cfg = config_lib.apply(config_lib.from_dict(cfg.to_dict()), {"optim": {"ema_decay": 0.0}})
+        ckpt_lib.save(folder / "trained", model=worker.family.model, cfg=trained_cfg, vocab=worker.vocab,
+                      epoch=epoch, metrics=metrics, data=data)
 
 
 def main() -> None:
