@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +40,9 @@ from t2i import config as config_lib
 from t2i.data.dataset import load_manifest, load_vocabulary, shard_paths
 from t2i.data.feed import ShardCache, to_model_inputs
 from t2i.data.prepare import prepare_flickr8k, prepare_shapes
+from t2i.data.text import Vocabulary
 from t2i.training import encoders
-from t2i.training.families import make_family
+from t2i.training.families import Family, make_family
 
 FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity), by device name.
@@ -103,10 +105,10 @@ class GpuUtilisation:
 class Worker:
     """What a Ray Train worker holds for one config: its networks, its cached shard and its step."""
     cfg: config_lib.Config
-    vocab: object
-    family: object
+    vocab: Vocabulary
+    family: Family
     cache: ShardCache
-    autocast: object
+    autocast: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast, or a no-op
     bf16: bool
 
     def step(self, batch_dict: dict, progress: float) -> dict:
