@@ -1,10 +1,8 @@
 """Typed configuration: one dataclass per concern, TOML files, typo-rejecting overrides.
 
-A run is described by a :class:`Config` (data, model, loss, optim, train). Config files
-are TOML with one table per section (the built-in ones ship in ``t2i/configs/`` and are
-named by their stem: ``--config gan``); command lines add ``--set section.key=value``.
-Any key that is not a field is rejected with the valid ones listed, so a typo fails before
-a worker starts.
+A run is a :class:`Config` (data, model, loss, optim, train): TOML with one table per section
+(built-ins in ``t2i/configs/``, named by stem: ``--config gan``), then ``--set section.key=value``.
+A key that is not a field is rejected with the valid ones listed, before a worker starts.
 """
 
 from __future__ import annotations
@@ -33,13 +31,11 @@ class DatasetConfig:
     cache_dir: str = "data/cache"
     shapes_n: int = 6000           # images in the built-in shapes set when `path` is ""
     batch_size: int = 64           # per worker
-    # A worker whose share of the data (pixels + caption ids of train and eval splits) fits
-    # this many MiB pulls it from Ray Data once and keeps it in memory (on its GPU when it
-    # has one); above it, every epoch streams. Flickr8k at 64x64 needs ~140 MiB.
+    # A worker whose share of the data (pixels + caption ids of train and eval splits) fits this many MiB pulls
+    # it from Ray Data once and keeps it in memory (on its GPU if any); above, every epoch streams (Flickr8k ~140).
     cache_mb: int = 2048
     eval_splits: list[str] = field(default_factory=lambda: ["dev"])
-    # Captions scored per evaluation image every epoch (0 = all of them). Fewer make each
-    # epoch's dev pass cheaper; every image is still scored, with captions taken in turn.
+    # Captions scored per evaluation image every epoch (0 = all); fewer make each dev pass cheaper (captions in turn).
     eval_captions: int = 0
     # Validation prompts rendered to a grid every epoch; empty = the dataset's defaults.
     prompts: list[str] = field(default_factory=list)
@@ -104,8 +100,7 @@ class OptimConfig:
     gamma: float = 0.9             # per-epoch decay ("exponential") or factor ("plateau")
     patience: int = 1              # epochs without dev improvement before "plateau" decays
     grad_clip: float = 5.0         # max global grad norm; 0 disables
-    ema_decay: float = 0.0         # gan: sample, select and serve an exponential moving average of
-                                   # the generator's weights (Karras et al. 2018); 0 = off
+    ema_decay: float = 0.0         # gan: sample, select and serve a moving average of G's weights (Karras et al. 2018); 0 = off
 
 
 @dataclass
@@ -116,6 +111,8 @@ class TrainConfig:
     epochs: int = 10
     num_workers: int = 1           # 0 = run the loop in this process (debugging)
     use_gpu: str = "auto"          # "auto" (GPU when the cluster has one), "true", "false"
+    gpus_per_worker: float = 1.0   # a GPU worker's share: 0.5 packs two runs or Tune trials on a GPU (one worker each;
+                                   # the gan's step leaves three quarters of an H200 idle: docs/benchmarks.md)
     cpus_per_worker: float = 0.0   # 0 = from the cluster: 0.45 where it has <= 4 CPUs (Ray Data keeps one),
                                    # else 75% of a node's CPUs per GPU (or per worker); the run's first line says
     placement_strategy: str = "PACK"  # workers on as few nodes as possible; "SPREAD" over nodes
@@ -367,6 +364,9 @@ def validate(cfg: Config) -> None:
     for key, low in minimums.items():
         if (value := _get(cfg, key)) < low:
             problems.append(f"{key} must be >= {low}, got {value}" + (" (-1: retry without end)" if low == -1 else ""))
+    if not 0 < cfg.train.gpus_per_worker <= 1 or (cfg.train.gpus_per_worker < 1 and cfg.train.num_workers > 1):
+        problems.append(f"train.gpus_per_worker must be in (0, 1], and 1 with several workers (NCCL refuses two ranks "
+                        f"of one run on one GPU), got {cfg.train.gpus_per_worker:g} with {cfg.train.num_workers} workers")
     if cfg.train.name and not SAFE_NAME.fullmatch(cfg.train.name):
         problems.append(f"train.name {cfg.train.name!r} must be one folder name: letters, digits, '.', '_', '-' "
                         "(not '.' or '..')")

@@ -81,8 +81,10 @@ def run_line(facts: dict) -> str:
     where = "in this process (local mode)" if workers == 0 else (
         f"{workers} worker{'s' if workers > 1 else ''} x {facts['cpus_per_worker']:g} CPU"
         + (f" ({facts['cpus_reason']})" if facts.get("cpus_reason") else ""))
+    share = facts.get("gpus_per_worker", 0)
+    device = f"{share:g} GPU each" if facts["device"] == "GPU" and 0 < share < 1 else facts["device"]
     return (f"t2i: {facts['family']} ({facts['parameters'] / 1e6:.2f}M parameters) on {facts['dataset']} "
-            f"({facts['train_images']:,} train images) | {where} on {facts['device']} | data: "
+            f"({facts['train_images']:,} train images) | {where} on {device} | data: "
             f"{facts['data_mode']} | epochs {facts['start_epoch'] + 1}-{facts['epochs']} -> {facts['run_dir']}")
 
 

@@ -39,12 +39,20 @@ from t2i.config import ConfigError
     ("model.block=resnet", "model.block"),
     ("model.padding=reflect", "model.padding: the plain decoder upsamples with transposed convs"),
     ("model.padding=circular", "model.padding"),
+    ("train.gpus_per_worker=0", "train.gpus_per_worker must be in (0, 1]"),
+    ("train.gpus_per_worker=2", "train.gpus_per_worker must be in (0, 1]"),
 ])
 def test_bad_values_are_refused_by_name(override, says):
     started = time.monotonic()
     with pytest.raises(ConfigError, match=f".*{says.replace('(', '.').replace(')', '.')}"):
         config_lib.load(None, [override])
     assert time.monotonic() - started < 10  # the size check allocates nothing
+
+
+def test_a_gpu_share_is_for_one_worker_runs():
+    assert config_lib.load(None, ["train.gpus_per_worker=0.5"]).train.gpus_per_worker == 0.5
+    with pytest.raises(ConfigError, match="NCCL refuses two ranks of one run on one GPU.*got 0.5 with 2 workers"):
+        config_lib.load(None, ["train.gpus_per_worker=0.5", "train.num_workers=2"])
 
 
 def test_a_non_utf8_config_file_is_one_line(tmp_path):

@@ -81,12 +81,12 @@ def data_cpu_budget(limit: float, cluster_cpus: float) -> float:
     return limit if 0 < cluster_cpus <= SMALL_CLUSTER_CPUS else 0.0
 
 
-def decide_gpu(visible: float, could_scale_to: float | None, workers: int) -> bool:
-    """``use_gpu = "auto"``: one GPU per worker from the GPUs up now, or, on an autoscaling
-    cluster whose GPU nodes are still down (the shipped AWS and KubeRay configs start with
-    none), from the most its node types could provide, so the autoscaler starts GPU nodes
-    instead of the run landing on their CPUs."""
-    needed = max(1, workers)
+def decide_gpu(visible: float, could_scale_to: float | None, needed: float) -> bool:
+    """``use_gpu = "auto"``: the GPUs the workers ask for (``needed``, at least a share of one)
+    from the GPUs up now, or, on an autoscaling cluster whose GPU nodes are still down (the
+    shipped AWS and KubeRay configs start with none), from the most its node types could
+    provide, so the autoscaler starts GPU nodes instead of the run landing on their CPUs."""
+    needed = needed if needed > 0 else 1
     return visible >= needed or (could_scale_to or 0) >= needed
 
 
@@ -99,7 +99,7 @@ def _autoscaler_config():
 _UNANSWERED = object()  # a private API that failed, as opposed to one that answered None
 
 
-def cluster_has_gpus(needed: int) -> bool:
+def cluster_has_gpus(needed: float) -> bool:
     """Whether the connected cluster has, or its autoscaler could start, ``needed`` GPUs."""
     visible = ray.cluster_resources().get("GPU", 0)
     limits = private_api("autoscaler limits (ray._private.state.state.get_max_resources_from_cluster_config)",
@@ -111,11 +111,11 @@ def cluster_has_gpus(needed: int) -> bool:
     return decided
 
 
-def use_gpu(setting: str, workers: int) -> bool:
-    """``train.use_gpu`` ("auto", "true" or "false") for ``workers`` workers."""
+def use_gpu(setting: str, workers: int, gpu_share: float = 1.0) -> bool:
+    """``train.use_gpu`` ("auto", "true" or "false") for ``workers`` workers of ``gpu_share`` GPU each."""
     if setting != "auto":
         return setting == "true"
-    return cluster_has_gpus(workers)
+    return cluster_has_gpus(max(1, workers) * gpu_share)
 
 
 @dataclass(frozen=True)
@@ -136,10 +136,11 @@ def node_shapes() -> list[NodeShape]:
 
 
 def choose_cpus_per_worker(setting: float, gpu: bool, workers: int, cluster_cpus: float,
-                           shapes: list[NodeShape]) -> tuple[float, str]:
+                           shapes: list[NodeShape], gpu_share: float = 1.0) -> tuple[float, str]:
     """``train.cpus_per_worker`` (0 = auto) and why: the small-machine profile on clusters of
     at most ``SMALL_CLUSTER_CPUS`` CPUs; with GPUs, ``WORKER_CPU_SHARE`` of a GPU node's CPUs
-    per GPU; on CPUs, that share of the workers' part of the cluster (at most one node's)."""
+    per GPU, times the worker's ``gpu_share`` of one; on CPUs, that share of the workers' part
+    of the cluster (at most one node's)."""
     if setting > 0:
         return setting, "set"
     if cluster_cpus <= SMALL_CLUSTER_CPUS:
@@ -148,8 +149,9 @@ def choose_cpus_per_worker(setting: float, gpu: bool, workers: int, cluster_cpus
         per_gpu = [s.cpus / s.gpus for s in shapes if s.gpus >= 1 and s.cpus > 0]
         if not per_gpu:
             return 1.0, "no GPU node's CPU count is known yet"
-        return max(1.0, math.floor(WORKER_CPU_SHARE * min(per_gpu))), \
-            f"{WORKER_CPU_SHARE:.0%} of a GPU node's {min(per_gpu):g} CPUs per GPU"
+        shared = "" if gpu_share == 1 else f" x {gpu_share:g}"
+        return max(1.0, math.floor(WORKER_CPU_SHARE * min(per_gpu) * gpu_share)), \
+            f"{WORKER_CPU_SHARE:.0%} of a GPU node's {min(per_gpu):g} CPUs per GPU{shared}"
     largest = max((s.cpus for s in shapes), default=cluster_cpus)
     share = min(largest, cluster_cpus / max(1, workers))
     return max(1.0, math.floor(WORKER_CPU_SHARE * share)), f"{WORKER_CPU_SHARE:.0%} of {share:g} CPUs per worker"

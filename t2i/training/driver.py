@@ -201,10 +201,10 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     prompts = usable_prompts(cfg, manifest, vocab)
     # The dashboard's Train view lists runs only when this is set in the driver (read there).
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    gpu = use_gpu(cfg.train.use_gpu, cfg.train.num_workers)
+    gpu = use_gpu(cfg.train.use_gpu, cfg.train.num_workers, cfg.train.gpus_per_worker)
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
     cpus, cpus_reason = choose_cpus_per_worker(cfg.train.cpus_per_worker, gpu, cfg.train.num_workers, cluster_cpus,
-                                               node_shapes())
+                                               node_shapes(), cfg.train.gpus_per_worker)
     aligner, distractors = None, None
     if cfg.loss.align_weight > 0:
         aligner = shared_encoder(encoders.ALIGNMENT_LOSS, data_root, manifest, gpu)
@@ -220,9 +220,9 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"plan": plan},
-        # With use_gpu each worker also gets one GPU; CPUs stay explicit (data decoding, threads).
+        # With use_gpu each worker also gets its GPU share; CPUs stay explicit (data decoding, threads).
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=gpu,
-                                     resources_per_worker={"CPU": cpus},
+                                     resources_per_worker={"CPU": cpus, **worker_gpus(gpu, cfg.train.gpus_per_worker)},
                                      placement_strategy=cfg.train.placement_strategy),
         datasets=build_datasets(data_root, manifest, cfg.data.eval_splits,
                                 data_cpu_budget(cfg.train.data_cpu_limit, cluster_cpus),
@@ -240,9 +240,16 @@ def make_trainer(cfg: Config, callbacks=(), run_name_override: str | None = None
              "dataset": manifest["dataset"], "train_images": plan.train_images,
              "workers": cfg.train.num_workers, "cpus_per_worker": cpus, "cpus_reason": cpus_reason,
              "placement": cfg.train.placement_strategy,
-             "device": "GPU" if gpu else "CPU", "data_mode": plan.data.mode,
+             "device": "GPU" if gpu else "CPU", "gpus_per_worker": cfg.train.gpus_per_worker if gpu else 0,
+             "data_mode": plan.data.mode,
              "start_epoch": resumed["epoch"] + 1 if resumed else 0, "epochs": cfg.train.epochs, "run_dir": run_dir}
     return TrainerPlan(trainer, run_dir, facts)
+
+
+def worker_gpus(gpu: bool, share: float) -> dict[str, float]:
+    """A GPU worker's ``resources_per_worker`` GPU entry: only a share below one needs it
+    (``use_gpu`` alone reserves one GPU)."""
+    return {"GPU": share} if gpu and share < 1 else {}
 
 
 @ray.remote(num_cpus=0)
@@ -261,12 +268,12 @@ def check_gpu_workers(facts: dict) -> None:
         if problem := cuda_problem():
             raise GPUUnavailableError(problem)
         return
-    bundles = [{"CPU": facts["cpus_per_worker"], "GPU": 1}] * facts["workers"]
+    bundles = [{"CPU": facts["cpus_per_worker"], "GPU": facts["gpus_per_worker"]}] * facts["workers"]
     group = placement_group(bundles, strategy=facts["placement"], name="t2i-gpu-preflight")
     try:
         while not ray.wait([group.ready()], timeout=60)[0]:
             _say(f"waiting for {len(bundles)} GPU worker slot(s) {bundles[0]} (an autoscaler may be starting nodes)")
-        problems = ray.get([_cuda_check.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        problems = ray.get([_cuda_check.options(num_gpus=facts["gpus_per_worker"], scheduling_strategy=PlacementGroupSchedulingStrategy(
             group, placement_group_bundle_index=i)).remote() for i in range(len(bundles))])
     finally:
         remove_placement_group(group)

@@ -595,3 +595,13 @@ def test_a_gpu_cluster_gets_gpu_workers_and_a_clear_stop_without_cuda(gpu_shaped
     bundle = next(b for b in groups[-1]["bundles"] if "GPU" in b["unit_resources"])
     assert bundle["unit_resources"] == {"CPU": 6.0, "GPU": 1.0}
     assert bundle.get("node_id") in (None, gpu_shaped_cluster["nodes"]["worker1"])
+    # Half a GPU per worker (two runs or Tune trials per GPU): half the CPUs and a 0.5-GPU bundle.
+    job = submit(dashboard, "python", "train_job.py", "--smoke-test", "--data", str(shapes_dir),
+                 "--set", f"train.storage_path={tmp_path}", "--set", "train.name=gpu-half", "--set", "train.max_failures=0",
+                 "--set", "train.gpus_per_worker=0.5", submission_id="t2i-gpu-half")
+    logs = job.stdout + job.stderr
+    assert job_status(dashboard, "t2i-gpu-half") == "FAILED", logs[-3000:]
+    assert "1 worker x 3 CPU (75% of a GPU node's 8 CPUs per GPU x 0.5) on 0.5 GPU each" in logs, logs[-3000:]
+    groups = [g for g in local_cluster.dashboard_get(dashboard, "/api/v0/placement_groups?detail=1&limit=100")
+              ["data"]["result"]["result"] if any("GPU" in b.get("unit_resources", {}) for b in g.get("bundles", []))]
+    assert {"CPU": 3.0, "GPU": 0.5} in [b["unit_resources"] for g in groups for b in g["bundles"]]

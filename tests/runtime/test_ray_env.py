@@ -23,6 +23,9 @@ def test_cpus_per_worker_follow_the_cluster():
     # CPU clusters: a share of the workers' part of the cluster, at most one node's.
     assert choose_cpus_per_worker(0, False, 4, 64, [NodeShape(16, 0)] * 4)[0] == 12
     assert choose_cpus_per_worker(0, False, 8, 64, [NodeShape(16, 0)] * 4)[0] == 6
+    # Half a GPU per worker (train.gpus_per_worker = 0.5): half the CPUs, and the line says so.
+    cpus, why = choose_cpus_per_worker(0, True, 1, 12, [NodeShape(4, 0), NodeShape(8, 1)], gpu_share=0.5)
+    assert cpus == 3 and why.endswith("per GPU x 0.5")
     # A number the user set always wins.
     assert choose_cpus_per_worker(3, True, 2, 64, [NodeShape(8, 1)]) == (3, "set")
 

@@ -319,12 +319,14 @@ def test_relative_paths_are_refused_under_ray_job_submit():
 def test_auto_gpu_counts_what_an_autoscaling_cluster_could_start():
     from t2i.runtime.ray_env import decide_gpu
 
-    assert decide_gpu(visible=0, could_scale_to=None, workers=2) is False  # a CPU machine, no autoscaler
-    assert decide_gpu(visible=2, could_scale_to=None, workers=2) is True
+    assert decide_gpu(visible=0, could_scale_to=None, needed=2) is False  # a CPU machine, no autoscaler
+    assert decide_gpu(visible=2, could_scale_to=None, needed=2) is True
     # cluster/aws.yaml: head only at submit, up to 4 g5 workers with 1 GPU each.
-    assert decide_gpu(visible=0, could_scale_to=4, workers=2) is True
-    assert decide_gpu(visible=0, could_scale_to=4, workers=8) is False
-    assert decide_gpu(visible=1, could_scale_to=0, workers=0) is True  # local mode still uses the GPU
+    assert decide_gpu(visible=0, could_scale_to=4, needed=2) is True
+    assert decide_gpu(visible=0, could_scale_to=4, needed=8) is False
+    assert decide_gpu(visible=1, could_scale_to=0, needed=0) is True  # local mode still uses the GPU
+    assert decide_gpu(visible=0.5, could_scale_to=None, needed=0.5) is True  # a worker's share (gpus_per_worker)
+    assert decide_gpu(visible=0.25, could_scale_to=None, needed=0.5) is False
 
 
 def test_torch_threads_follow_the_cpus_ray_assigned():
