@@ -56,7 +56,7 @@ def run_epoch(worker, epoch: int, device: torch.device) -> dict:
         steps += 1
     sync(device)
     seconds = time.perf_counter() - started
-    worker.family.end_epoch(-float(epoch))  # the gan configs' schedules are epoch-driven
+    worker.family.end_epoch(-float(epoch))  # no dev metric here: epoch-driven schedules only ("plateau" never decays)
     return {"epoch": epoch, "seconds": round(seconds, 3), "steps": steps,
             "images_per_s": round(steps * cfg.data.batch_size / seconds, 1),
             **{f"train_{k}": round(float(v) / max(steps, 1), 5) for k, v in sums.items()}}
