@@ -105,6 +105,7 @@ class GpuUtilisation:
 class Worker:
     """What a Ray Train worker holds for one config: its networks, its cached shard and its step."""
     cfg: config_lib.Config
+    manifest: dict
     vocab: Vocabulary
     family: Family
     cache: ShardCache
@@ -135,7 +136,7 @@ def make_worker(cfg: config_lib.Config, root: Path, device: torch.device) -> Wor
     cache = ShardCache.from_train_tables(tables, manifest["image_size"], device)
     bf16 = device.type == "cuda" and cfg.train.amp and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    return Worker(cfg, vocab, family, cache, autocast, bf16)
+    return Worker(cfg, manifest, vocab, family, cache, autocast, bf16)
 
 
 def bench_family(config_file: Path, root: Path, device: torch.device, batch: int, epochs: int,

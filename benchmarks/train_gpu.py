@@ -32,7 +32,6 @@ import torch
 from bench_gpu import make_worker, sync
 
 from t2i import config as config_lib
-from t2i.data.dataset import load_manifest
 from t2i.data.feed import epoch_seed
 from t2i.training import checkpoint as ckpt_lib
 from t2i.training.optim import extend_schedule
@@ -65,7 +64,7 @@ def run_epoch(worker, epoch: int, device: torch.device) -> dict:
 def save(worker, root: Path, folder: Path, epoch: int, epochs: int, record: dict) -> None:
     """The generator (averaged, where the config averages) as a t2i checkpoint, without the
     discriminator and optimizer state (not resumable; a third of the size)."""
-    manifest = load_manifest(root)
+    manifest = worker.manifest  # read (and its shards checksummed) once, by make_worker
     cfg = config_lib.apply(config_lib.from_dict(worker.cfg.to_dict()), {"train": {"epochs": epochs}})
     folder.mkdir(parents=True, exist_ok=True)
     data = {"dataset": manifest["dataset"], "path": str(root), "image_size": manifest["image_size"],

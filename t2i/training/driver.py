@@ -273,8 +273,10 @@ def check_gpu_workers(facts: dict) -> None:
     try:
         while not ray.wait([group.ready()], timeout=60)[0]:
             _say(f"waiting for {len(bundles)} GPU worker slot(s) {bundles[0]} (an autoscaler may be starting nodes)")
-        problems = ray.get([_cuda_check.options(num_gpus=facts["gpus_per_worker"], scheduling_strategy=PlacementGroupSchedulingStrategy(
-            group, placement_group_bundle_index=i)).remote() for i in range(len(bundles))])
+        problems = ray.get([_cuda_check.options(
+            num_gpus=facts["gpus_per_worker"],
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote()
+            for i in range(len(bundles))])
     finally:
         remove_placement_group(group)
     for problem in problems:
