@@ -63,6 +63,7 @@ class ModelConfig:
     pixel_noise: bool = False      # gan: StyleGAN's per-pixel noise inputs in every block (fine detail, no grid)
     noise_basis: str = "gaussian"  # gan: the noise's fixed basis, "gaussian" draws or "flat" (no spectral speckle)
     noise_images: str = "shared"   # gan: one noise image per block ("shared", StyleGAN's) or one per channel
+    noise_spectrum: str = "fixed"  # gan: the noise images' spectrum, "fixed" or "learned" (a gain per frequency)
     image_size: int = 64
 
 
@@ -149,10 +150,9 @@ CHOICES = {
     "model.text_encoder": ("mean", "pool", "gru"),
     "model.decoder": ("plain", "modulated"),
     "model.upsample": ("nearest", "bilinear", "lanczos"),
-    "model.block": ("plain", "residual"),
-    "model.padding": ("zeros", "reflect"),
+    "model.block": ("plain", "residual"), "model.padding": ("zeros", "reflect"),
     "model.noise_basis": ("gaussian", "flat"), "model.noise_images": ("shared", "per_channel"),
-    "loss.likelihood": ("gaussian", "bernoulli"),
+    "model.noise_spectrum": ("fixed", "learned"), "loss.likelihood": ("gaussian", "bernoulli"),
     "loss.spectrum_weighting": ("uniform", "ring", "power"),
     "optim.name": ("rmsprop", "adam"),
     "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
@@ -340,7 +340,7 @@ def validate(cfg: Config) -> None:
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    noise_shape = ("model.noise_basis", "model.noise_images")
+    noise_shape = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
                 "loss.spectrum_weighting", "optim.ema_decay", "model.pixel_noise", *noise_shape)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]

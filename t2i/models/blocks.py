@@ -240,18 +240,34 @@ class PixelNoise(nn.Module):
     fixed signs (:func:`channel_signs`; still variance 1 per pixel). One shared image reaches the
     next conv's output through a single effective 3x3 kernel (the strengths times the weights,
     summed over channels), whose power has a direction; independent images add up as a sum of
-    the kernels' powers."""
+    the kernels' powers.
+
+    ``spectrum`` "learned": the noise image passes a zero-phase filter with one learned gain per
+    frequency (a global filter, Rao et al. 2021, "GFNet"), normalised to mean power 1, before the
+    strengths. A white image reaches the output through a few 3x3 convs, whose power has only a
+    handful of degrees of freedom per direction: the texture's spectrum is fixed by them, not
+    learned, and the one excess every run kept came from this noise (docs/results.md)."""
 
     LR_GAIN = 10.0
 
     def __init__(self, source_dim: int, channels: int, size: int, initial: float = 0.1, basis: str = "gaussian",
-                 per_channel: bool = False):
+                 per_channel: bool = False, spectrum: str = "fixed"):
         super().__init__()
         images = flat_spectrum_basis(source_dim, size) if basis == "flat" else torch.randn(source_dim, size * size)
         self.register_buffer("basis", images / math.sqrt(source_dim))
         # None is not saved: checkpoints with shared images load unchanged
         self.register_buffer("signs", channel_signs(channels, source_dim) if per_channel else None)
         self.scaled_strength = nn.Parameter(torch.full((channels,), initial / self.LR_GAIN))
+        # log amplitude gain per rfft2 frequency, 0 = white; learns LR_GAIN times faster, as the strengths
+        self.scaled_log_gain = nn.Parameter(torch.zeros(size, size // 2 + 1)) if spectrum == "learned" else None
+
+    def gain(self) -> torch.Tensor:
+        """(size, size // 2 + 1) amplitude gain per frequency, mean square 1 over the full spectrum
+        (the strengths keep the noise's scale). rfft2's half-plane: irfft2 mirrors it, so the
+        filtered image stays real and the filter has zero phase."""
+        gain = torch.exp(self.scaled_log_gain * self.LR_GAIN)
+        full = torch.cat([gain, gain[:, 1:(gain.shape[1] - 1)]], 1)  # the mirrored columns, for the mean
+        return gain / full.pow(2).mean().sqrt()
 
     @property
     def strength(self) -> torch.Tensor:
@@ -262,6 +278,9 @@ class PixelNoise(nn.Module):
         if self.signs is not None:  # (B, 1, S) x (C, S) -> (B, C, S): one combination per channel
             source = source[:, None, :] * self.signs.to(x.dtype)
         noise = (source @ self.basis.to(x.dtype)).view(x.shape[0], -1, *x.shape[2:])
+        if self.scaled_log_gain is not None:
+            spectrum = torch.fft.rfft2(noise.float()) * self.gain()
+            noise = torch.fft.irfft2(spectrum, s=noise.shape[-2:]).to(x.dtype)
         return x + self.strength.to(x.dtype).view(1, -1, 1, 1) * noise
 
 
@@ -346,7 +365,8 @@ class ModulatedDecoder(nn.Module):
         self.blocks = nn.ModuleList(
             UP_BLOCKS[cfg.block](a, b, cond_dim, cfg.upsample, padding,
                                  PixelNoise(noise_dim, b, 8 << i, basis=cfg.noise_basis,
-                                            per_channel=cfg.noise_images == "per_channel") if noise_dim else None)
+                                            per_channel=cfg.noise_images == "per_channel",
+                                            spectrum=cfg.noise_spectrum) if noise_dim else None)
             for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))
         # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
         pre_activation = [nn.LeakyReLU(0.2)] if cfg.block == "residual" else []
