@@ -791,6 +791,47 @@ def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes(
     assert high_share[1.0] > 2 * high_share[0.0], high_share
 
 
+def test_a_learned_noise_spectrum_starts_white_and_the_spectral_term_shapes_it():
+    """``spectrum="learned"``: a gain per frequency on the noise image, 1 at the start (the same
+    noise as the fixed layer's), mean power kept at 1, and free enough that Durall et al.'s term
+    alone fits it to an oriented spectrum no 3x3 kernel could follow."""
+    from t2i.models.blocks import PixelNoise
+    from t2i.training.spectrum import SpectrumTracker, mean_power_spectrum
+
+    torch.manual_seed(0)
+    fixed = PixelNoise(64, 1, 32, initial=1.0, basis="flat")
+    learned = PixelNoise(64, 1, 32, initial=1.0, basis="flat", spectrum="learned")
+    missing = learned.load_state_dict(fixed.state_dict(), strict=False).missing_keys
+    assert missing == ["scaled_log_gain"] and "scaled_log_gain" not in fixed.state_dict()
+    blank, source = torch.zeros(256, 1, 32, 32), torch.randn(256, 64)
+    assert torch.allclose(learned(blank, source), fixed(blank, source), atol=1e-5), "starts white"
+
+    fy, fx = torch.meshgrid(torch.fft.fftfreq(32), torch.fft.rfftfreq(32), indexing="ij")
+    oriented = torch.where(fy * fx > 0, 2.0, 0.5)  # amplitude: one diagonal up, the other down
+    target = torch.fft.irfft2(torch.fft.rfft2(fixed(blank, source).detach()) * oriented, s=(32, 32))
+    target = target / target.std()  # the learned gain keeps the noise's power, so the target has the same
+
+    def as_images(noise: torch.Tensor) -> torch.Tensor:
+        return (0.5 + noise / 8).expand(-1, 3, -1, -1)
+
+    def gap() -> float:  # mean |log10 P - log10 P_target| over frequencies, in decades
+        with torch.no_grad():
+            power = mean_power_spectrum(as_images(learned(blank, source)))
+        return float((power.log10() - mean_power_spectrum(as_images(target)).log10()).flatten()[1:].abs().mean())
+
+    before = gap()
+    tracker = SpectrumTracker(32, momentum=0.2)
+    step = torch.optim.Adam([learned.scaled_log_gain], lr=1e-3)
+    for _ in range(150):
+        step.zero_grad()
+        tracker(as_images(learned(blank, source)), as_images(target)).backward()
+        step.step()
+    assert before > 0.4 and gap() < 0.1 * before, (before, gap())
+    assert abs(float(learned(blank, source).detach().var()) - 1) < 0.1, "the strengths keep the scale"
+    with pytest.raises(config_lib.ConfigError, match="noise_spectrum shapes the noise inputs, which are off"):
+        config_lib.load("gan", ["model.pixel_noise=false", "model.noise_spectrum=learned"])
+
+
 def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_no_direction():
     """``per_channel``: each channel's noise image is the basis under its own row of Hadamard
     signs (uncorrelated images of the same variance). One shared image passes a conv as through a
