@@ -230,7 +230,8 @@ class GANFamily(Family):
         # The averaged generator samples, ranks checkpoints and is what model.pt holds; the
         # trained one is kept in the training state for resuming.
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
-        self.spectra = (SpectrumTracker(cfg.model.image_size, weighting=cfg.loss.spectrum_weighting)
+        self.spectra = (SpectrumTracker(cfg.model.image_size, weighting=cfg.loss.spectrum_weighting,
+                                        outlier_gap=cfg.loss.spectrum_outlier_gap)
                         if cfg.loss.spectrum_weight > 0 else None)
         if cfg.loss.align_weight > 0 and alignment_encoder is None:
             raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "
