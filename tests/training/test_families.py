@@ -832,6 +832,40 @@ def test_a_learned_noise_spectrum_starts_white_and_the_spectral_term_shapes_it()
         config_lib.load("gan", ["model.pixel_noise=false", "model.noise_spectrum=learned"])
 
 
+def test_outlier_weights_trade_the_mean_spectral_gap_for_the_largest_one():
+    """``loss.spectrum_outlier_gap``: a 3x3 filter over white noise cannot draw a narrow peak in the
+    target spectrum; under the plain squared gap it fits the broad rest and leaves the peak's
+    deficit, re-weighted by 1 + (gap / scale)^2 it gives up some of the rest to close the peak."""
+    from t2i.training.spectrum import SpectrumTracker, mean_power_spectrum, outlier_weights
+
+    assert torch.allclose(outlier_weights(torch.tensor([0.0, 0.05, -0.3]), 0.1), torch.tensor([1.0, 1.25, 10.0]))
+    torch.manual_seed(0)
+    white = torch.randn(128, 1, 32, 32)
+    fy, fx = torch.meshgrid(torch.fft.fftfreq(32) * 32, torch.fft.rfftfreq(32) * 32, indexing="ij")
+    shape = (1.0 + (fx / 16) ** 2) * torch.where((fy.abs() <= 1) & ((fx - 8).abs() <= 1), 3.0, 1.0)
+    target = torch.fft.irfft2(torch.fft.rfft2(white[:, 0]) * shape, s=(32, 32))[:, None]
+
+    def as_images(noise: torch.Tensor) -> torch.Tensor:
+        return (0.5 + noise / 8).expand(-1, 3, -1, -1)
+
+    def fit(outlier_gap: float) -> torch.Tensor:  # |gap| per frequency after the fit, in decades
+        torch.manual_seed(1)
+        conv = torch.nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular", bias=False)
+        tracker = SpectrumTracker(32, momentum=1.0, outlier_gap=outlier_gap)
+        step = torch.optim.Adam(conv.parameters(), lr=0.02)
+        for _ in range(300):
+            step.zero_grad()
+            tracker(as_images(conv(white)), as_images(target)).backward()
+            step.step()
+        with torch.no_grad():
+            gap = mean_power_spectrum(as_images(conv(white))).log10() - mean_power_spectrum(as_images(target)).log10()
+        return gap.abs().flatten()[torch.arange(32 * 32) != 16 * 32 + 16]  # not the zero frequency
+
+    plain, outlier = fit(0.0), fit(0.1)
+    assert float(outlier.max()) < float(plain.max()) - 0.03, (float(outlier.max()), float(plain.max()))
+    assert float(outlier.mean()) >= float(plain.mean()) - 0.005, "the rest pays for it"
+
+
 def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_no_direction():
     """``per_channel``: each channel's noise image is the basis under its own row of Hadamard
     signs (uncorrelated images of the same variance). One shared image passes a conv as through a
