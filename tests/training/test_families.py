@@ -791,12 +791,29 @@ def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes(
     assert high_share[1.0] > 2 * high_share[0.0], high_share
 
 
+def noise_as_images(noise: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) noise of variance ~1 -> (N, 3, H, W) grey images inside [0, 1]."""
+    return (0.5 + noise / 8).expand(-1, 3, -1, -1)
+
+
+def spectral_gap(noise: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """|log10 P - log10 P_target| per frequency in decades, the zero frequency (each image's mean,
+    removed: no power) left out."""
+    from t2i.training.spectrum import mean_power_spectrum
+
+    with torch.no_grad():
+        gap = (mean_power_spectrum(noise_as_images(noise)).log10()
+               - mean_power_spectrum(noise_as_images(target)).log10()).abs()
+    centre = (gap.shape[0] // 2) * gap.shape[1] + gap.shape[1] // 2  # fftshift puts the zero frequency there
+    return gap.flatten()[torch.arange(gap.numel()) != centre]
+
+
 def test_a_learned_noise_spectrum_starts_white_and_the_spectral_term_shapes_it():
     """``spectrum="learned"``: a gain per frequency on the noise image, 1 at the start (the same
     noise as the fixed layer's), mean power kept at 1, and free enough that Durall et al.'s term
     alone fits it to an oriented spectrum no 3x3 kernel could follow."""
     from t2i.models.blocks import PixelNoise
-    from t2i.training.spectrum import SpectrumTracker, mean_power_spectrum
+    from t2i.training.spectrum import SpectrumTracker
 
     torch.manual_seed(0)
     fixed = PixelNoise(64, 1, 32, initial=1.0, basis="flat")
@@ -811,20 +828,15 @@ def test_a_learned_noise_spectrum_starts_white_and_the_spectral_term_shapes_it()
     target = torch.fft.irfft2(torch.fft.rfft2(fixed(blank, source).detach()) * oriented, s=(32, 32))
     target = target / target.std()  # the learned gain keeps the noise's power, so the target has the same
 
-    def as_images(noise: torch.Tensor) -> torch.Tensor:
-        return (0.5 + noise / 8).expand(-1, 3, -1, -1)
-
-    def gap() -> float:  # mean |log10 P - log10 P_target| over frequencies, in decades
-        with torch.no_grad():
-            power = mean_power_spectrum(as_images(learned(blank, source)))
-        return float((power.log10() - mean_power_spectrum(as_images(target)).log10()).flatten()[1:].abs().mean())
+    def gap() -> float:  # mean over frequencies, in decades
+        return float(spectral_gap(learned(blank, source), target).mean())
 
     before = gap()
     tracker = SpectrumTracker(32, momentum=0.2)
     step = torch.optim.Adam([learned.scaled_log_gain], lr=1e-3)
     for _ in range(150):
         step.zero_grad()
-        tracker(as_images(learned(blank, source)), as_images(target)).backward()
+        tracker(noise_as_images(learned(blank, source)), noise_as_images(target)).backward()
         step.step()
     assert before > 0.4 and gap() < 0.1 * before, (before, gap())
     assert abs(float(learned(blank, source).detach().var()) - 1) < 0.1, "the strengths keep the scale"
@@ -836,7 +848,7 @@ def test_outlier_weights_trade_the_mean_spectral_gap_for_the_largest_one():
     """``loss.spectrum_outlier_gap``: a 3x3 filter over white noise cannot draw a narrow peak in the
     target spectrum; under the plain squared gap it fits the broad rest and leaves the peak's
     deficit, re-weighted by 1 + (gap / scale)^2 it gives up some of the rest to close the peak."""
-    from t2i.training.spectrum import SpectrumTracker, mean_power_spectrum, outlier_weights
+    from t2i.training.spectrum import SpectrumTracker, outlier_weights
 
     assert torch.allclose(outlier_weights(torch.tensor([0.0, 0.05, -0.3]), 0.1), torch.tensor([1.0, 1.25, 10.0]))
     torch.manual_seed(0)
@@ -845,9 +857,6 @@ def test_outlier_weights_trade_the_mean_spectral_gap_for_the_largest_one():
     shape = (1.0 + (fx / 16) ** 2) * torch.where((fy.abs() <= 1) & ((fx - 8).abs() <= 1), 3.0, 1.0)
     target = torch.fft.irfft2(torch.fft.rfft2(white[:, 0]) * shape, s=(32, 32))[:, None]
 
-    def as_images(noise: torch.Tensor) -> torch.Tensor:
-        return (0.5 + noise / 8).expand(-1, 3, -1, -1)
-
     def fit(outlier_gap: float) -> torch.Tensor:  # |gap| per frequency after the fit, in decades
         torch.manual_seed(1)
         conv = torch.nn.Conv2d(1, 1, 3, padding=1, padding_mode="circular", bias=False)
@@ -855,11 +864,9 @@ def test_outlier_weights_trade_the_mean_spectral_gap_for_the_largest_one():
         step = torch.optim.Adam(conv.parameters(), lr=0.02)
         for _ in range(300):
             step.zero_grad()
-            tracker(as_images(conv(white)), as_images(target)).backward()
+            tracker(noise_as_images(conv(white)), noise_as_images(target)).backward()
             step.step()
-        with torch.no_grad():
-            gap = mean_power_spectrum(as_images(conv(white))).log10() - mean_power_spectrum(as_images(target)).log10()
-        return gap.abs().flatten()[torch.arange(32 * 32) != 16 * 32 + 16]  # not the zero frequency
+        return spectral_gap(conv(white), target)
 
     plain, outlier = fit(0.0), fit(0.1)
     assert float(outlier.max()) < float(plain.max()) - 0.03, (float(outlier.max()), float(plain.max()))
