@@ -87,6 +87,7 @@ class LossConfig:
     spectrum_weighting: str = "uniform"  # each frequency alike; "ring": each radius alike (Durall's 1-D
                                    # average); "power": + each one's share of the photos' power
     spectrum_outlier_gap: float = 0.0  # gan: > 0 weighs a frequency x (1 + (gap / this)^2): the largest gaps pull hardest
+    spectrum_window: str = "none"  # gan: the spectra as they are, "hann"-windowed (no edge jumps) or "both"
 
 
 @dataclass
@@ -153,9 +154,8 @@ CHOICES = {
     "model.block": ("plain", "residual"), "model.padding": ("zeros", "reflect"),
     "model.noise_basis": ("gaussian", "flat"), "model.noise_images": ("shared", "per_channel"),
     "model.noise_spectrum": ("fixed", "learned"), "loss.likelihood": ("gaussian", "bernoulli"),
-    "loss.spectrum_weighting": ("uniform", "ring", "power"),
-    "optim.name": ("rmsprop", "adam"),
-    "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
+    "loss.spectrum_weighting": ("uniform", "ring", "power"), "loss.spectrum_window": ("none", "hann", "both"),
+    "optim.name": ("rmsprop", "adam"), "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
     "train.tracking": ("tensorboard", "mlflow", "none"),
@@ -342,7 +342,7 @@ def validate(cfg: Config) -> None:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     noise_shape = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
-                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "optim.ema_decay", "model.pixel_noise", *noise_shape)
+                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "loss.spectrum_window", "optim.ema_decay", "model.pixel_noise", *noise_shape)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
     if cfg.model.family != "gan" and changed:
         problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")

@@ -25,7 +25,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from t2i.models.dual_encoder import DualEncoder
-from t2i.training.spectrum import EPS, mean_power_spectrum
+from t2i.training.spectrum import EPS, hann_window, mean_power_spectrum
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
@@ -72,11 +72,6 @@ def judge_distances(judge: DualEncoder, real: torch.Tensor, sets: dict[str, torc
         kd_mean, kd_std = kd.compute()
         out[name] = {"fd": float(fd.compute()), "kd": float(kd_mean), "kd_std": float(kd_std), "n": len(images)}
     return out
-
-
-def hann_window(height: int, width: int) -> torch.Tensor:
-    """(H, W) separable 2-D Hann window (symmetric: zero on the border rows and columns)."""
-    return torch.outer(torch.hann_window(height, periodic=False), torch.hann_window(width, periodic=False))
 
 
 def log_power_spectrum(images: torch.Tensor, windowed: bool = False) -> torch.Tensor:

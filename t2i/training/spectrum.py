@@ -25,6 +25,11 @@ def mean_power_spectrum(images: torch.Tensor, window: torch.Tensor | None = None
     return torch.fft.fftshift(torch.fft.fft2(luma).abs().pow(2).mean(0))
 
 
+def hann_window(height: int, width: int) -> torch.Tensor:
+    """(H, W) separable 2-D Hann window (Harris 1978; symmetric: zero on the border rows and columns)."""
+    return torch.outer(torch.hann_window(height, periodic=False), torch.hann_window(width, periodic=False))
+
+
 def ring_weights(size: int) -> torch.Tensor:
     """(size, size), zero frequency at the centre: 1 / |f| (|f| in cycles per image), scaled to
     mean 1; the zero frequency (mean removed) weighs 0. A ring of radius r holds ~2 pi r
@@ -67,35 +72,54 @@ def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor, weights:
     return (weights * gap.pow(2)).mean() + surrogate - surrogate.detach()
 
 
+WINDOW_VIEWS = {"none": ("",), "hann": ("windowed_",), "both": ("", "windowed_")}  # SpectrumTracker's buffer prefixes
+
+
 class SpectrumTracker(nn.Module):
     """Moving averages of the real and the generated batches' power spectra, and the matching
     loss against them. One batch of 32 knows each frequency's power to about +-18 % (0.08
     decades): in a batch-against-batch loss that noise, spread over all 4,096 frequencies,
     drowns an excess at a few of them. Averaged over ~1 / momentum batches the gap is known to
     about 0.01 decades, so where the spectra agree the gradient is ~0 and it pushes where they
-    do not."""
+    do not.
 
-    def __init__(self, size: int, momentum: float = 0.02, weighting: str = "uniform", outlier_gap: float = 0.0):
+    ``window``: the spectra of the images as they are ("none"), Hann-windowed ("hann") or both
+    ("both", the sum of the two terms). A periodic FFT reads each image's left/right and
+    top/bottom edges as a jump whose power lies along the fx = 0 and fy = 0 axes and leaks to
+    every frequency; matched as they are, a generator can trade its edges' jumps against its
+    texture and still match. Through the window the spectrum is the interior's own."""
+
+    def __init__(self, size: int, momentum: float = 0.02, weighting: str = "uniform", outlier_gap: float = 0.0,
+                 window: str = "none"):
         super().__init__()
         self.momentum = momentum
         self.outlier_gap = outlier_gap  # see outlier_weights
         self.by_power = weighting == "power"  # weights follow the real spectrum, set each step
-        # Not saved: derived from the size, so runs from before it resume unchanged.
+        self.views = WINDOW_VIEWS[window]
+        # Not saved: derived from the size, so runs from before them resume unchanged.
         self.register_buffer("weights", ring_weights(size) if weighting == "ring" else torch.ones(size, size),
                              persistent=False)
-        self.register_buffer("real", torch.zeros(size, size))
-        self.register_buffer("fake", torch.zeros(size, size))
+        self.register_buffer("window", hann_window(size, size), persistent=False)
+        for view in self.views:  # the plain view keeps the names runs from before the windowed one saved
+            self.register_buffer(f"{view}real", torch.zeros(size, size))
+            self.register_buffer(f"{view}fake", torch.zeros(size, size))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        fake_power = mean_power_spectrum(fake)
+        terms = [self._term(fake, real, view) for view in self.views]
+        self.steps += 1
+        return sum(terms)  # "both": each view pulls as hard as it would alone
+
+    def _term(self, fake: torch.Tensor, real: torch.Tensor, view: str) -> torch.Tensor:
+        window = self.window if view else None
+        fake_power = mean_power_spectrum(fake, window)
+        real_mean, fake_mean = getattr(self, f"{view}real"), getattr(self, f"{view}fake")
         with torch.no_grad():
             rate = 1.0 if self.steps == 0 else self.momentum
-            self.real.lerp_(mean_power_spectrum(real), rate)
-            self.fake.lerp_(fake_power.detach(), rate)
-            self.steps += 1
-            gap = torch.log10(self.fake + EPS) - torch.log10(self.real + EPS)
-            weights = power_weights(self.real) if self.by_power else self.weights
+            real_mean.lerp_(mean_power_spectrum(real, window), rate)
+            fake_mean.lerp_(fake_power.detach(), rate)
+            gap = torch.log10(fake_mean + EPS) - torch.log10(real_mean + EPS)
+            weights = power_weights(real_mean) if self.by_power else self.weights
             if self.outlier_gap > 0:
                 weights = weights * outlier_weights(gap, self.outlier_gap)
         return spectrum_matching_loss(fake_power, gap, weights)

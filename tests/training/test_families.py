@@ -873,6 +873,34 @@ def test_outlier_weights_trade_the_mean_spectral_gap_for_the_largest_one():
     assert float(outlier.mean()) >= float(plain.mean()) - 0.005, "the rest pays for it"
 
 
+def test_a_windowed_spectral_term_sees_the_seam_the_plain_one_cannot(shapes_dir):
+    """``loss.spectrum_window``: rolling photos by half their size moves their edges' jump into
+    the middle. The periodic FFT's power is unchanged (a shift changes only phases), so the plain
+    term is blind to that seam; through a Hann window it is the interior's own power and the
+    term sees it. The windowed view reads the grid check's windowed statistic exactly; "both"
+    is the sum of the two; a plain tracker's state keeps the names earlier runs saved."""
+    from t2i.evaluation.distribution import log_power_spectrum
+    from t2i.training.spectrum import SpectrumTracker
+
+    images, _ = fixed_batch(shapes_dir, 16)
+    photos = images * 0.5 + 0.5 * torch.linspace(0, 1, 64)[:, None]  # a vertical ramp: top and bottom differ
+    seamed = torch.roll(photos, (32, 32), (2, 3))
+    plain, windowed, both = (SpectrumTracker(64, window=w) for w in ("none", "hann", "both"))
+    terms = {name: tracker(seamed, photos).item() for name, tracker in
+             (("plain", plain), ("windowed", windowed), ("both", both))}
+    assert terms["plain"] < 1e-5 and terms["windowed"] > 1e-3, terms  # the plain one: float32 rounding only
+    assert terms["both"] == pytest.approx(terms["plain"] + terms["windowed"], rel=1e-4)
+    gap = torch.log10(windowed.windowed_fake + 1e-8) - torch.log10(windowed.windowed_real + 1e-8)
+    check = log_power_spectrum(seamed, windowed=True) - log_power_spectrum(photos, windowed=True)
+    assert torch.allclose(gap, check, atol=1e-3), "the term reads the windowed grid check's statistic"
+    assert sorted(plain.state_dict()) == ["fake", "real", "steps"]
+    assert sorted(both.state_dict()) == ["fake", "real", "steps", "windowed_fake", "windowed_real"]
+    with pytest.raises(config_lib.ConfigError, match="spectrum_window must be one of"):
+        config_lib.load("gan", ["loss.spectrum_window=tukey"])
+    with pytest.raises(config_lib.ConfigError, match="spectrum_window: gan-family"):
+        config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_window=hann"])
+
+
 def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_no_direction():
     """``per_channel``: each channel's noise image is the basis under its own row of Hadamard
     signs (uncorrelated images of the same variance). One shared image passes a conv as through a
