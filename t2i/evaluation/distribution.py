@@ -12,9 +12,10 @@
   ``distance`` the mean gap over all frequencies (blur shows there, as missing high
   frequencies). Real train against real test images gives the floor of both. The check is
   reported twice: on the images as they are (the statistic Durall et al.'s spectral term,
-  ``loss.spectrum_weight``, trains) and through a Hann window (Harris 1978), which no training
-  term reads: a periodic FFT sees each image's left/right and top/bottom edges as a jump, and
-  the window tapers them away, so power on the fx = 0 and fy = 0 axes is the images' own.
+  ``loss.spectrum_weight``, trains) and through a Hann window (Harris 1978; the term reads it
+  too with ``loss.spectrum_window``): a periodic FFT sees each image's left/right and
+  top/bottom edges as a jump, and the window tapers them away, so power on the fx = 0 and
+  fy = 0 axes is the images' own.
 """
 
 from __future__ import annotations
