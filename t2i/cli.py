@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = commands.add_parser("report", help="the seed's Table 2: Models 1-3, the cvae and the gan on Flickr8k")
     rep.add_argument("--data", required=True, help="prepared Flickr8k folder")
-    rep.add_argument("--runs", default="runs/table2", help="where the four training runs live")
+    rep.add_argument("--runs", default="runs/table2", help="where the five rows' runs live")
     rep.add_argument("--epochs", action="append", metavar="N|MODEL=N",
                      help="epochs per model when training (default 10); repeat with MODEL=N for one row, "
                           "e.g. --epochs 3 --epochs gan=20")
