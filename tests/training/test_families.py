@@ -880,7 +880,7 @@ def test_a_windowed_spectral_term_sees_the_seam_the_plain_one_cannot(shapes_dir)
     term sees it. The windowed view reads the grid check's windowed statistic exactly; "both"
     is the sum of the two; a plain tracker's state keeps the names earlier runs saved."""
     from t2i.evaluation.distribution import log_power_spectrum
-    from t2i.training.spectrum import SpectrumTracker
+    from t2i.training.spectrum import EPS, SpectrumTracker
 
     images, _ = fixed_batch(shapes_dir, 16)
     photos = images * 0.5 + 0.5 * torch.linspace(0, 1, 64)[:, None]  # a vertical ramp: top and bottom differ
@@ -890,7 +890,7 @@ def test_a_windowed_spectral_term_sees_the_seam_the_plain_one_cannot(shapes_dir)
              (("plain", plain), ("windowed", windowed), ("both", both))}
     assert terms["plain"] < 1e-5 and terms["windowed"] > 1e-3, terms  # the plain one: float32 rounding only
     assert terms["both"] == pytest.approx(terms["plain"] + terms["windowed"], rel=1e-4)
-    gap = torch.log10(windowed.windowed_fake + 1e-8) - torch.log10(windowed.windowed_real + 1e-8)
+    gap = torch.log10(windowed.windowed_fake + EPS) - torch.log10(windowed.windowed_real + EPS)
     check = log_power_spectrum(seamed, windowed=True) - log_power_spectrum(photos, windowed=True)
     assert torch.allclose(gap, check, atol=1e-3), "the term reads the windowed grid check's statistic"
     assert sorted(plain.state_dict()) == ["fake", "real", "steps"]
