@@ -82,12 +82,12 @@ class LossConfig:
                                    # view each step (G cannot fit one encoder's blind spots); "" = as drawn
     mode_seeking_weight: float = 0.0  # gan: MSGAN's term (Mao et al. 2019) against draws of one caption
                                    # collapsing together (a quarter of the batch drawn twice); 0 = off
-    spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the real batch's
-                                   # (Durall et al. 2020's spectral regularisation); 0 = off
+    spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the photos' (Durall et al. 2020); 0 = off
     spectrum_weighting: str = "uniform"  # each frequency alike; "ring": each radius alike (Durall's 1-D
                                    # average); "power": + each one's share of the photos' power
     spectrum_outlier_gap: float = 0.0  # gan: > 0 weighs a frequency x (1 + (gap / this)^2): the largest gaps pull hardest
     spectrum_window: str = "none"  # gan: the spectra as they are, "hann"-windowed (no edge jumps) or "both"
+    spectrum_integral: float = 0.0  # gan: > 0 adds integral control: a gap that persists builds its own pull; 0 = off
 
 
 @dataclass
@@ -342,7 +342,7 @@ def validate(cfg: Config) -> None:
         problems.append("loss.beta and loss.free_bits must be >= 0")
     noise_shape = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
-                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "loss.spectrum_window", "optim.ema_decay", "model.pixel_noise", *noise_shape)
+                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "loss.spectrum_window", "loss.spectrum_integral", "optim.ema_decay", "model.pixel_noise", *noise_shape)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
     if cfg.model.family != "gan" and changed:
         problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")
@@ -356,7 +356,7 @@ def validate(cfg: Config) -> None:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "loss.spectrum_weight": 0, "optim.grad_clip": 0,
-                "loss.spectrum_outlier_gap": 0, "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
+                "loss.spectrum_outlier_gap": 0, "loss.spectrum_integral": 0, "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
                 "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
                 "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0,
                 "train.epochs": 1, "train.num_workers": 0, "data.batch_size": 1, "data.eval_captions": 0,

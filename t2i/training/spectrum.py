@@ -60,18 +60,22 @@ def outlier_weights(gap: torch.Tensor, scale: float) -> torch.Tensor:
     return 1.0 + (gap / scale).pow(2)
 
 
-def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor, weights: torch.Tensor,
+                           integral: torch.Tensor | None = None) -> torch.Tensor:
     """Its value: mean over frequencies of ``weights`` x ``gap``^2, the gap in decades between
     the generated and the real spectrum. Its gradient: that of the weighted mean of
     (log10 P_fake - log10 P_real)^2 through the batch's own spectrum ``fake_power``, with the
-    (less noisy) ``gap`` standing in for the batch's. Durall et al. compare 1-D azimuthal
+    (less noisy) ``gap`` standing in for the batch's, plus ``integral`` (the gap's accumulated
+    pull, :class:`SpectrumTracker`) where given. Durall et al. compare 1-D azimuthal
     averages; here the whole 2-D map, because nearest upsampling copies a texture to a few
     directional (fy, fx) an average blurs together."""
     gap = gap.detach()
-    surrogate = (2 * weights * gap * torch.log10(fake_power + EPS)).mean()
+    pull = 2 * weights * gap + (integral if integral is not None else 0.0)
+    surrogate = (pull * torch.log10(fake_power + EPS)).mean()
     return (weights * gap.pow(2)).mean() + surrogate - surrogate.detach()
 
 
+INTEGRAL_CLIP = 0.1  # decades: the most one step's gap adds to the integral (no wind-up while G is far off)
 WINDOW_VIEWS = {"none": ("",), "hann": ("windowed_",), "both": ("", "windowed_")}  # SpectrumTracker's buffer prefixes
 
 
@@ -87,13 +91,20 @@ class SpectrumTracker(nn.Module):
     ("both", the sum of the two terms). A periodic FFT reads each image's left/right and
     top/bottom edges as a jump whose power lies along the fx = 0 and fy = 0 axes and leaks to
     every frequency; matched as they are, a generator can trade its edges' jumps against its
-    texture and still match. Through the window the spectrum is the interior's own."""
+    texture and still match. Through the window the spectrum is the interior's own.
+
+    ``integral_rate`` > 0 adds integral control (a PI controller; the gap as a constraint with
+    one Lagrange multiplier per frequency, raised by dual ascent as in GECO, Rezende & Viola
+    2018): each step every frequency's pull grows by rate x 2 x weight x gap (the gap clipped
+    to +-INTEGRAL_CLIP). A pull proportional to the gap settles where it balances the other
+    terms' push, so a gap those terms hold up persists; the integral grows until it is gone."""
 
     def __init__(self, size: int, momentum: float = 0.02, weighting: str = "uniform", outlier_gap: float = 0.0,
-                 window: str = "none"):
+                 window: str = "none", integral_rate: float = 0.0):
         super().__init__()
         self.momentum = momentum
         self.outlier_gap = outlier_gap  # see outlier_weights
+        self.integral_rate = integral_rate
         self.by_power = weighting == "power"  # weights follow the real spectrum, set each step
         self.views = WINDOW_VIEWS[window]
         # Not saved: derived from the size, so runs from before them resume unchanged.
@@ -103,6 +114,8 @@ class SpectrumTracker(nn.Module):
         for view in self.views:  # the plain view keeps the names runs from before the windowed one saved
             self.register_buffer(f"{view}real", torch.zeros(size, size))
             self.register_buffer(f"{view}fake", torch.zeros(size, size))
+            if integral_rate > 0:  # only then, so runs without it save and resume as before
+                self.register_buffer(f"{view}integral", torch.zeros(size, size))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
@@ -120,6 +133,10 @@ class SpectrumTracker(nn.Module):
             fake_mean.lerp_(fake_power.detach(), rate)
             gap = torch.log10(fake_mean + EPS) - torch.log10(real_mean + EPS)
             weights = power_weights(real_mean) if self.by_power else self.weights
+            integral = None
+            if self.integral_rate > 0:
+                integral = getattr(self, f"{view}integral")
+                integral.add_(self.integral_rate * 2 * weights * gap.clamp(-INTEGRAL_CLIP, INTEGRAL_CLIP))
             if self.outlier_gap > 0:
                 weights = weights * outlier_weights(gap, self.outlier_gap)
-        return spectrum_matching_loss(fake_power, gap, weights)
+        return spectrum_matching_loss(fake_power, gap, weights, integral)
