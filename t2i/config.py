@@ -35,8 +35,7 @@ class DatasetConfig:
     # it from Ray Data once and keeps it in memory (on its GPU if any); above, every epoch streams (Flickr8k ~140).
     cache_mb: int = 2048
     eval_splits: list[str] = field(default_factory=lambda: ["dev"])
-    # Captions scored per evaluation image every epoch (0 = all); fewer make each dev pass cheaper (captions in turn).
-    eval_captions: int = 0
+    eval_captions: int = 0         # captions scored per evaluation image every epoch (0 = all; fewer: cheaper, in turn)
     # Validation prompts rendered to a grid every epoch; empty = the dataset's defaults.
     prompts: list[str] = field(default_factory=list)
     samples_per_prompt: int = 4
@@ -83,11 +82,11 @@ class LossConfig:
     mode_seeking_weight: float = 0.0  # gan: MSGAN's term (Mao et al. 2019) against draws of one caption
                                    # collapsing together (a quarter of the batch drawn twice); 0 = off
     spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the photos' (Durall et al. 2020); 0 = off
-    spectrum_weighting: str = "uniform"  # each frequency alike; "ring": each radius alike (Durall's 1-D
-                                   # average); "power": + each one's share of the photos' power
+    spectrum_weighting: str = "uniform"  # each frequency alike; "ring": each radius alike; "power": + its share of the photos' power
     spectrum_outlier_gap: float = 0.0  # gan: > 0 weighs a frequency x (1 + (gap / this)^2): the largest gaps pull hardest
     spectrum_window: str = "none"  # gan: the spectra as they are, "hann"-windowed (no edge jumps) or "both"
     spectrum_integral: float = 0.0  # gan: > 0 adds integral control: a gap that persists builds its own pull; 0 = off
+    spectrum_measure: str = "training"  # gan: the gap read from the training batch or "inference" draws (BN's running stats)
 
 
 @dataclass
@@ -155,10 +154,10 @@ CHOICES = {
     "model.noise_basis": ("gaussian", "flat"), "model.noise_images": ("shared", "per_channel"),
     "model.noise_spectrum": ("fixed", "learned"), "loss.likelihood": ("gaussian", "bernoulli"),
     "loss.spectrum_weighting": ("uniform", "ring", "power"), "loss.spectrum_window": ("none", "hann", "both"),
+    "loss.spectrum_measure": ("training", "inference"), "train.tracking": ("tensorboard", "mlflow", "none"),
     "optim.name": ("rmsprop", "adam"), "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
     "train.use_gpu": ("auto", "true", "false"),
     "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
-    "train.tracking": ("tensorboard", "mlflow", "none"),
 }
 
 
@@ -229,10 +228,8 @@ def apply(cfg: Config, values: dict[str, Any]) -> Config:
     """Apply a nested ``{section: {key: value}}`` mapping (as read from TOML)."""
     for section_name, section_values in values.items():
         if not isinstance(section_values, dict):
-            raise ConfigError(
-                f"top-level key {section_name!r} must be a [section] table; "
-                f"sections: {[f.name for f in fields(Config)]}"
-            )
+            raise ConfigError(f"top-level key {section_name!r} must be a [section] table; "
+                              f"sections: {[f.name for f in fields(Config)]}")
         for name, value in section_values.items():
             _set(cfg, f"{section_name}.{name}", value)
     return cfg
@@ -297,13 +294,16 @@ def apply_file(cfg: Config, path: str | Path, chain: tuple[Path, ...] = ()) -> C
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the TOML file (if any, after the one it ``extends``), then
-    ``key=value`` overrides, in that order."""
+    """Defaults, then the TOML file (if any, after the one it ``extends``), then ``key=value`` overrides."""
     cfg = Config()
     if path:
         apply_file(cfg, path)
-    for item in overrides:
-        _set(cfg, *parse_override(item))
+    overridden = dict(parse_override(item) for item in overrides)
+    for key, value in overridden.items():
+        _set(cfg, key, value)
+    if "model.pixel_noise" in overridden and not cfg.model.pixel_noise:  # the file's noise shape is moot then
+        for key in set(NOISE_SHAPE) - set(overridden):
+            _set(cfg, key, _get(Config(), key))
     validate(cfg)
     return cfg
 
@@ -315,6 +315,7 @@ def from_dict(values: dict[str, dict[str, Any]]) -> Config:
     return cfg
 
 
+NOISE_SHAPE = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")  # meaningful with model.pixel_noise only
 MIN_SHAPES = 50  # the built-in set needs some images in each of its splits
 SAFE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}")  # a run folder never escapes storage_path
 
@@ -340,13 +341,12 @@ def validate(cfg: Config) -> None:
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    noise_shape = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
-                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "loss.spectrum_window", "loss.spectrum_integral", "optim.ema_decay", "model.pixel_noise", *noise_shape)
+                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "loss.spectrum_window", "loss.spectrum_integral", "loss.spectrum_measure", "optim.ema_decay", "model.pixel_noise", *NOISE_SHAPE)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
     if cfg.model.family != "gan" and changed:
         problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")
-    if not cfg.model.pixel_noise and (shaping := [key for key in changed if key in noise_shape]):
+    if not cfg.model.pixel_noise and (shaping := [key for key in changed if key in NOISE_SHAPE]):
         problems.append(f"{', '.join(shaping)} shapes the noise inputs, which are off: set model.pixel_noise = true")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")

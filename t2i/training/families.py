@@ -45,7 +45,7 @@ from t2i.training.losses import (
     standard_normal_kl,
 )
 from t2i.training.optim import clip_and_step, extend_schedule, make_optimizer, make_scheduler
-from t2i.training.spectrum import SpectrumTracker
+from t2i.training.spectrum import SpectrumTracker, inference_draws
 
 Autocast = Callable[[], contextlib.AbstractContextManager]
 
@@ -322,8 +322,11 @@ class GANFamily(Family):
             drawn, mu, logvar = self.model(torch.cat([word_ids, word_ids[:pairs]]))
         fake, redrawn = drawn[:batch], drawn[batch:]
         d_terms = self.discriminator_step(images, word_ids, fake.detach())
+        with autocast():
+            measured = (inference_draws(unwrap(self.model), word_ids)
+                        if self.spectra is not None and self.cfg.loss.spectrum_measure == "inference" else None)
         return {**self.generator_step(word_ids, fake, mu[:batch], logvar[:batch], redrawn if pairs else None,
-                                      images), **d_terms}
+                                      images, measured), **d_terms}
 
     def discriminator_step(self, images: torch.Tensor, word_ids: torch.Tensor,
                            fake: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -341,11 +344,11 @@ class GANFamily(Family):
 
     def generator_step(self, word_ids: torch.Tensor, fake: torch.Tensor, mu: torch.Tensor,
                        logvar: torch.Tensor, redrawn: torch.Tensor | None = None,
-                       real: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       real: torch.Tensor | None = None, measured: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The D step's sample scored by the just-updated discriminator, + beta * KL of the
         CA Gaussian (StackGAN), + align_weight * the DAMSM-style sentence loss (AttnGAN, eq. 14),
         + mode_seeking_weight * MSGAN's term on ``redrawn``, second draws of the first captions,
-        + spectrum_weight * Durall et al.'s spectral term against the ``real`` batch.
+        + spectrum_weight * Durall et al.'s spectral term against the ``real`` batch (gap read from ``measured``).
         D is used unwrapped and frozen here: its gradients are neither computed nor
         all-reduced (the D step did that)."""
         critic = unwrap(self.discriminator)
@@ -356,7 +359,7 @@ class GANFamily(Family):
             kl = standard_normal_kl(mu, logvar)
             align = self._alignment(fake, word_ids)
             diverse = mode_seeking_loss(fake[: len(redrawn)], redrawn) if redrawn is not None else fake.new_zeros(())
-            spectrum = self.spectra(fake, real) if self.spectra is not None and real is not None else fake.new_zeros(())
+            spectrum = self.spectra(fake, real, measured) if self.spectra is not None and real is not None else fake.new_zeros(())
             loss = (adversarial + self.cfg.loss.beta * kl + self.cfg.loss.align_weight * align
                     + self.cfg.loss.mode_seeking_weight * diverse + self.cfg.loss.spectrum_weight * spectrum)
             clip_and_step(loss, self.model, self.optimizers["model"], self.cfg.optim.grad_clip)
@@ -392,7 +395,6 @@ FAMILIES: dict[str, type[Family]] = {"seed": VAEFamily, "cvae": VAEFamily, "gan"
 
 def make_family(cfg: Config, vectors: np.ndarray, alignment_encoder: DualEncoder | None = None,
                 dev_distractors: np.ndarray | None = None) -> Family:
-    """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used);
-    ``dev_distractors``: dev_align's fixed candidate captions (``DEV_ALIGN_DISTRACTORS`` rows
-    of the train split, drawn on the driver)."""
+    """``alignment_encoder``: the frozen encoder of the gan's alignment loss (when used); ``dev_distractors``:
+    dev_align's fixed candidate captions (``DEV_ALIGN_DISTRACTORS`` rows of the train split, drawn on the driver)."""
     return FAMILIES[cfg.model.family](cfg, vectors, alignment_encoder, dev_distractors)

@@ -75,6 +75,18 @@ def spectrum_matching_loss(fake_power: torch.Tensor, gap: torch.Tensor, weights:
     return (weights * gap.pow(2)).mean() + surrogate - surrogate.detach()
 
 
+@torch.no_grad()
+def inference_draws(generator: nn.Module, word_ids: torch.Tensor) -> torch.Tensor:
+    """One draw per caption as ``generator.sample`` makes it after training: batch norm on its
+    running statistics, not the batch's (the two draw different spectra: docs/results.md)."""
+    was_training = generator.training
+    generator.eval()
+    try:
+        return generator.sample(word_ids)[:, 0]
+    finally:
+        generator.train(was_training)
+
+
 INTEGRAL_CLIP = 0.1  # decades: the most one step's gap adds to the integral (no wind-up while G is far off)
 WINDOW_VIEWS = {"none": ("",), "hann": ("windowed_",), "both": ("", "windowed_")}  # SpectrumTracker's buffer prefixes
 
@@ -118,19 +130,22 @@ class SpectrumTracker(nn.Module):
                 self.register_buffer(f"{view}integral", torch.zeros(size, size))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
 
-    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        terms = [self._term(fake, real, view) for view in self.views]
+    def forward(self, fake: torch.Tensor, real: torch.Tensor, measured: torch.Tensor | None = None) -> torch.Tensor:
+        """The term on ``fake`` (the batch it pulls); the running generated spectrum is read from
+        ``measured`` instead where given (other draws of the same generator, e.g. as it samples
+        after training), so the gap, and its integral, is that of those draws."""
+        terms = [self._term(fake, real, view, measured) for view in self.views]
         self.steps += 1
         return sum(terms)  # "both": each view pulls as hard as it would alone
 
-    def _term(self, fake: torch.Tensor, real: torch.Tensor, view: str) -> torch.Tensor:
+    def _term(self, fake: torch.Tensor, real: torch.Tensor, view: str, measured: torch.Tensor | None) -> torch.Tensor:
         window = self.window if view else None
         fake_power = mean_power_spectrum(fake, window)
         real_mean, fake_mean = getattr(self, f"{view}real"), getattr(self, f"{view}fake")
         with torch.no_grad():
             rate = 1.0 if self.steps == 0 else self.momentum
             real_mean.lerp_(mean_power_spectrum(real, window), rate)
-            fake_mean.lerp_(fake_power.detach(), rate)
+            fake_mean.lerp_(fake_power.detach() if measured is None else mean_power_spectrum(measured, window), rate)
             gap = torch.log10(fake_mean + EPS) - torch.log10(real_mean + EPS)
             weights = power_weights(real_mean) if self.by_power else self.weights
             integral = None

@@ -776,6 +776,10 @@ def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes(
     assert abs(float(flat(torch.zeros(256, 3, 32, 32), source).var()) / 0.01 - 1) < 0.1  # strength 0.1
     with pytest.raises(config_lib.ConfigError, match="noise inputs, which are off"):
         config_lib.load("gan", ["model.pixel_noise=false", "model.noise_basis=flat"])
+    # Turned off on the command line, the noise takes the config file's shape of it (a learned
+    # spectrum in `gan`) along, and the run's saved config loads again.
+    quiet = config_lib.load("gan", ["model.pixel_noise=false"])
+    assert quiet.model.noise_spectrum == "fixed" and config_lib.from_dict(quiet.to_dict()) == quiet
 
     cfg = config_lib.load("gan", ["model.upsample=lanczos", "model.padding=reflect", "model.pixel_noise=true",
                                   "model.width=4", "model.hidden=16", "model.latent_dim=8"])
@@ -899,6 +903,67 @@ def test_a_windowed_spectral_term_sees_the_seam_the_plain_one_cannot(shapes_dir)
         config_lib.load("gan", ["loss.spectrum_window=tukey"])
     with pytest.raises(config_lib.ConfigError, match="spectrum_window: gan-family"):
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_window=hann"])
+
+
+def test_integral_control_closes_a_spectral_gap_another_term_holds_up():
+    """``loss.spectrum_integral``: a gain per frequency on white noise fits the same noise's
+    spectrum, while another term pushes for more power in one band (as the alignment and
+    mode-seeking terms push texture). The proportional pull settles where the two balance and
+    the band's excess persists; with the integral it grows until the excess is gone. The
+    integral is state (saved and resumed) only when it is on."""
+    torch.manual_seed(0)
+    white = torch.randn(64, 1, 32, 32)
+    fy, fx = torch.meshgrid(torch.fft.fftfreq(32) * 32, torch.fft.rfftfreq(32) * 32, indexing="ij")
+    band = ((fy.abs() <= 2) & (fx >= 4) & (fx <= 8)).float()
+
+    def fit(integral_rate: float) -> tuple[SpectrumTracker, float]:  # the largest gap left, in decades
+        log_gain = torch.zeros(32, 17, requires_grad=True)
+        tracker = SpectrumTracker(32, momentum=0.2, integral_rate=integral_rate)
+        step = torch.optim.SGD([log_gain], lr=20.0)
+        for _ in range(400):
+            step.zero_grad()
+            draws = torch.fft.irfft2(torch.fft.rfft2(white[:, 0]) * log_gain.exp(), s=(32, 32))[:, None]
+            push = -0.1 * (log_gain * band).mean()
+            (tracker(noise_as_images(draws), noise_as_images(white)) + push).backward()
+            step.step()
+        return tracker, float(spectral_gap(draws.detach(), white).max())
+
+    (plain, held), (integral, closed) = fit(0.0), fit(0.01)
+    assert held > 0.04 and closed < 0.1 * held, (held, closed)
+    assert sorted(plain.state_dict()) == ["fake", "real", "steps"]
+    assert sorted(integral.state_dict()) == ["fake", "integral", "real", "steps"]
+    assert float(integral.integral[16, 16 + 6]) > 0.01, "it pulls the band's power down"  # (fy, fx) = (0, 6), centred
+    with pytest.raises(config_lib.ConfigError, match="spectrum_integral must be >= 0"):
+        config_lib.load("gan", ["loss.spectrum_integral=-0.01"])
+    with pytest.raises(config_lib.ConfigError, match="spectrum_integral: gan-family"):
+        config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_integral=0.01"])
+
+
+def test_the_spectral_gap_can_be_read_from_draws_made_as_after_training(shapes_dir):
+    """``loss.spectrum_measure = "inference"``: batch norm draws with the batch's statistics in
+    training and with its running ones after, so the two spectra can differ; the gap (and its
+    integral) is then read from draws made as ``sample`` makes them, while the pull still acts
+    on the training batch. The generator is left training."""
+    from t2i.training.spectrum import inference_draws, mean_power_spectrum
+
+    vocab = load_vocabulary(shapes_dir)
+    images, word_ids = fixed_batch(shapes_dir, 16)
+    family = family_for("gan.toml", vocab.vectors, *TINY_GAN, "loss.spectrum_weight=5", "loss.spectrum_measure=inference")
+    generator = family.model
+    torch.manual_seed(1)
+    drawn = inference_draws(generator, word_ids)
+    assert generator.training
+    generator.eval()
+    torch.manual_seed(1)
+    assert torch.equal(drawn, generator.sample(word_ids)[:, 0]), "as the trained model samples"
+    generator.train()
+    tracker, fake = SpectrumTracker(64), images.clone().requires_grad_()
+    tracker(fake, images, measured=drawn).backward()
+    assert torch.allclose(tracker.fake, mean_power_spectrum(drawn)) and float(fake.grad.abs().sum()) > 0
+    terms = family.train_step(images, word_ids, 0.0)
+    assert generator.training and int(family.spectra.steps) == 1 and terms["spectrum"].item() > 0
+    with pytest.raises(config_lib.ConfigError, match="spectrum_measure must be one of"):
+        config_lib.load("gan", ["loss.spectrum_measure=eval"])
 
 
 def test_per_channel_noise_images_are_uncorrelated_so_a_conv_after_them_shapes_no_direction():
