@@ -15,13 +15,17 @@ With ``--rank spike`` the frequencies are ranked by their excess above their 8 n
 With ``--windowed`` both spectra are taken through a Hann window (``spectrum_windowed_*``).
 With ``--angles`` it also prints the mean excess by ring and direction: an excess of texture in
 one direction (or a shortfall of the photos' horizontal and vertical structure) shows there.
+With ``--modes`` it also prints, by ring, the excess over the train photos of draws for train
+captions made as in training (batch norm on each batch of 32's statistics) and as ``sample``
+makes them after training (its running statistics): what ``loss.spectrum_measure`` is about.
 
-    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed] [--angles]
+    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed] [--angles] [--modes]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -73,6 +77,7 @@ def main() -> None:
                         help="rank by the excess (peak) or by the excess above the neighbours' (spike)")
     parser.add_argument("--windowed", action="store_true", help="Hann-window the images first (no edge jumps)")
     parser.add_argument("--angles", action="store_true", help="also print the mean excess by ring and direction")
+    parser.add_argument("--modes", action="store_true", help="also compare draws made as in training and after it")
     args = parser.parse_args()
     model = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint)).model.eval()
     test = read_split_arrays(args.data, load_manifest(args.data), "test")
@@ -109,6 +114,32 @@ def main() -> None:
         print(" " * 8 + "".join(f"{f'{k * 180 / SECTORS:.0f}-{(k + 1) * 180 / SECTORS:.0f}':>8s}" for k in range(SECTORS)))
         for (low, high), means in excess_by_direction(excess):
             print(f"{low:>3d}-{high:<4d}" + "".join(f"{m:+8.2f}" for m in means))
+    if args.modes:
+        print_mode_gap(model, args.data, args.captions, args.windowed)
+
+
+def print_mode_gap(model: torch.nn.Module, data: str, captions: int, windowed: bool) -> None:
+    """Mean excess over the train photos by ring, of train captions' draws in batches of 32 with
+    batch norm as in training (the batch's statistics) and as after it (running statistics)."""
+    train = read_split_arrays(data, load_manifest(data), "train")
+    real = log_power_spectrum(to_float(train["images"]), windowed)
+    ids = torch.tensor(train["word_ids"][:captions]).long()
+    side = real.shape[0]
+    offsets = torch.arange(side) - side // 2
+    radius = torch.hypot(*torch.meshgrid(offsets.float(), offsets.float(), indexing="ij"))
+    rings = (*RINGS, (32, 46))  # and the corners beyond the Nyquist circle
+    print(f"mean excess over the {len(train['images'])} train photos by radius, {len(ids)} train captions:")
+    print(" " * 20 + "".join(f"{f'{low}-{high}':>8s}" for low, high in rings))
+    for mode in ("eval", "train"):
+        model = copy.deepcopy(model) if mode == "train" else model  # a training-mode pass moves the running stats
+        getattr(model, mode)()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            drawn = torch.cat([model.sample(ids[i: i + 32])[:, 0] for i in range(0, len(ids), 32)])
+        excess = log_power_spectrum(drawn, windowed) - real
+        label = "as in training" if mode == "train" else "as sampled after"
+        print(f"{label:>20s}" + "".join(f"{float(excess[(radius >= low) & (radius < high)].mean()):+8.3f}"
+                                         for low, high in rings))
 
 
 if __name__ == "__main__":
