@@ -119,16 +119,17 @@ def main() -> None:
 
 
 def print_mode_gap(model: torch.nn.Module, data: str, captions: int, windowed: bool) -> None:
-    """Mean excess over the train photos by ring, of train captions' draws in batches of 32 with
-    batch norm as in training (the batch's statistics) and as after it (running statistics)."""
+    """Mean excess over the train photos by ring, of random train captions' draws in batches of 32
+    with batch norm as in training (the batch's statistics) and as after it (running statistics)."""
     train = read_split_arrays(data, load_manifest(data), "train")
     real = log_power_spectrum(to_float(train["images"]), windowed)
-    ids = torch.tensor(train["word_ids"][:captions]).long()
+    order = torch.randperm(len(train["word_ids"]), generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor(train["word_ids"])[order[:captions]].long()  # the split's first rows are a few hundred images' captions
     side = real.shape[0]
     offsets = torch.arange(side) - side // 2
     radius = torch.hypot(*torch.meshgrid(offsets.float(), offsets.float(), indexing="ij"))
     rings = (*RINGS, (32, 46))  # and the corners beyond the Nyquist circle
-    print(f"mean excess over the {len(train['images'])} train photos by radius, {len(ids)} train captions:")
+    print(f"mean excess over the {len(train['images'])} train photos by radius, {len(ids)} random train captions:")
     print(" " * 20 + "".join(f"{f'{low}-{high}':>8s}" for low, high in rings))
     for mode in ("eval", "train"):
         model = copy.deepcopy(model) if mode == "train" else model  # a training-mode pass moves the running stats
