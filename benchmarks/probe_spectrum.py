@@ -56,12 +56,18 @@ def upsampling_chain(fy: int, fx: int) -> list[tuple[int, int]]:
     return chain
 
 
+def centred_frequencies(side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fy, fx), each (side, side), in cycles per image with the zero frequency at the centre
+    (where fftshift puts it in ``log_power_spectrum``)."""
+    fy, fx = torch.meshgrid(*(torch.arange(side) - side // 2,) * 2, indexing="ij")
+    return fy.float(), fx.float()
+
+
 def excess_by_direction(excess: torch.Tensor) -> list[tuple[tuple[int, int], list[float]]]:
     """[((low, high), mean excess in each of SECTORS directions)] for each of RINGS. Direction
     0 starts at the fx axis (power there is the images' vertical edges) and turns towards +fy."""
-    side = excess.shape[0]
-    fy, fx = torch.meshgrid(*(torch.arange(side) - side // 2,) * 2, indexing="ij")
-    radius, angle = torch.hypot(fy.float(), fx.float()), torch.atan2(fy.float(), fx.float()) % math.pi
+    fy, fx = centred_frequencies(excess.shape[0])
+    radius, angle = torch.hypot(fy, fx), torch.atan2(fy, fx) % math.pi
     sector = (angle / (math.pi / SECTORS)).long().clamp(max=SECTORS - 1)
     return [((low, high), [float(excess[(radius >= low) & (radius < high) & (sector == k)].mean())
                            for k in range(SECTORS)]) for low, high in RINGS]
@@ -125,9 +131,7 @@ def print_mode_gap(model: torch.nn.Module, data: str, captions: int, windowed: b
     real = log_power_spectrum(to_float(train["images"]), windowed)
     order = torch.randperm(len(train["word_ids"]), generator=torch.Generator().manual_seed(0))
     ids = torch.tensor(train["word_ids"])[order[:captions]].long()  # the split's first rows are a few hundred images' captions
-    side = real.shape[0]
-    offsets = torch.arange(side) - side // 2
-    radius = torch.hypot(*torch.meshgrid(offsets.float(), offsets.float(), indexing="ij"))
+    radius = torch.hypot(*centred_frequencies(real.shape[0]))
     rings = (*RINGS, (32, 46))  # and the corners beyond the Nyquist circle
     print(f"mean excess over the {len(train['images'])} train photos by radius, {len(ids)} random train captions:")
     print(" " * 20 + "".join(f"{f'{low}-{high}':>8s}" for low, high in rings))
