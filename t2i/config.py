@@ -73,20 +73,19 @@ class LossConfig:
     kl_warmup_epochs: int = 0      # linear KL annealing from 0 to beta (Bowman et al. 2016)
     free_bits: float = 0.0         # nats per latent dim not penalised (Kingma et al. 2016)
     gp_weight: float = 2.0         # gan: matching-aware gradient penalty k (DF-GAN; power p = 6)
-    align_weight: float = 0.0      # gan: DAMSM-style sentence loss weight (AttnGAN's lambda), from a
-                                   # separately trained encoder, never the evaluation judge; 0 = off
+    align_weight: float = 0.0      # gan: sentence-loss weight (AttnGAN's lambda) from an encoder not the judge; 0 = off
     augment: str = ""              # gan: DiffAugment policy for all D sees, e.g. "translation,cutout"
                                    # (ops: color, translation, cutout (Zhao et al. 2020), scale (ADA)); "" = off
     align_augment: str = ""        # gan: those ops (and "scale") on what the alignment-loss encoder scores, a new
                                    # view each step (G cannot fit one encoder's blind spots); "" = as drawn
-    mode_seeking_weight: float = 0.0  # gan: MSGAN's term (Mao et al. 2019) against draws of one caption
-                                   # collapsing together (a quarter of the batch drawn twice); 0 = off
+    mode_seeking_weight: float = 0.0  # gan: MSGAN's term (Mao et al. 2019) against one caption's draws collapsing; 0 = off
     spectrum_weight: float = 0.0   # gan: the draws' 2-D power spectrum against the photos' (Durall et al. 2020); 0 = off
     spectrum_weighting: str = "uniform"  # each frequency alike; "ring": each radius alike; "power": + its share of the photos' power
     spectrum_outlier_gap: float = 0.0  # gan: > 0 weighs a frequency x (1 + (gap / this)^2): the largest gaps pull hardest
     spectrum_window: str = "none"  # gan: the spectra as they are, "hann"-windowed (no edge jumps) or "both"
     spectrum_integral: float = 0.0  # gan: > 0 adds integral control: a gap that persists builds its own pull; 0 = off
     spectrum_measure: str = "training"  # gan: the gap read from the training batch or "inference" draws (BN's running stats)
+    spectrum_integral_broad: bool = False  # gan: the integral reads each frequency's neighbours' median gap, not its own
 
 
 @dataclass
@@ -341,8 +340,9 @@ def validate(cfg: Config) -> None:
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
+    spectral = ("weighting", "outlier_gap", "window", "integral", "measure", "integral_broad")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
-                "loss.spectrum_weighting", "loss.spectrum_outlier_gap", "loss.spectrum_window", "loss.spectrum_integral", "loss.spectrum_measure", "optim.ema_decay", "model.pixel_noise", *NOISE_SHAPE)
+                *(f"loss.spectrum_{key}" for key in spectral), "optim.ema_decay", "model.pixel_noise", *NOISE_SHAPE)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
     if cfg.model.family != "gan" and changed:
         problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")

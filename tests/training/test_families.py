@@ -905,30 +905,42 @@ def test_a_windowed_spectral_term_sees_the_seam_the_plain_one_cannot(shapes_dir)
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_window=hann"])
 
 
-def test_integral_control_closes_a_spectral_gap_another_term_holds_up():
-    """``loss.spectrum_integral``: a gain per frequency on white noise fits the same noise's
-    spectrum, while another term pushes for more power in one band (as the alignment and
-    mode-seeking terms push texture). The proportional pull settles where the two balance and
-    the band's excess persists; with the integral it grows until the excess is gone. The
-    integral is state (saved and resumed) only when it is on."""
+def fit_gain_against_a_push(push_mask: torch.Tensor, **tracker_options) -> tuple[SpectrumTracker, torch.Tensor]:
+    """A gain per frequency on white noise fits the same noise's spectrum through the tracker's
+    term, while another term pushes for more power where ``push_mask`` (32 x 17, rfft layout) is
+    set (as the alignment and mode-seeking terms push texture). -> (the tracker, the gap left
+    per frequency in decades, zero frequency at the centre)."""
     torch.manual_seed(0)
     white = torch.randn(64, 1, 32, 32)
-    fy, fx = torch.meshgrid(torch.fft.fftfreq(32) * 32, torch.fft.rfftfreq(32) * 32, indexing="ij")
+    log_gain = torch.zeros(32, 17, requires_grad=True)
+    tracker = SpectrumTracker(32, momentum=0.2, **tracker_options)
+    step = torch.optim.SGD([log_gain], lr=20.0)
+    for _ in range(400):
+        step.zero_grad()
+        draws = torch.fft.irfft2(torch.fft.rfft2(white[:, 0]) * log_gain.exp(), s=(32, 32))[:, None]
+        push = -0.1 * (log_gain * push_mask).mean()
+        (tracker(noise_as_images(draws), noise_as_images(white)) + push).backward()
+        step.step()
+    from t2i.training.spectrum import mean_power_spectrum
+
+    with torch.no_grad():
+        gap = (mean_power_spectrum(noise_as_images(draws)).log10() - mean_power_spectrum(noise_as_images(white)).log10())
+    gap[16, 16] = 0.0  # the zero frequency: each image's mean is removed, no power
+    return tracker, gap.abs()
+
+
+def rfft_frequencies() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.meshgrid(torch.fft.fftfreq(32) * 32, torch.fft.rfftfreq(32) * 32, indexing="ij")
+
+
+def test_integral_control_closes_a_spectral_gap_another_term_holds_up():
+    """``loss.spectrum_integral``: the proportional pull settles where it balances the push and
+    the band's excess persists; with the integral it grows until the excess is gone. The
+    integral is state (saved and resumed) only when it is on."""
+    fy, fx = rfft_frequencies()
     band = ((fy.abs() <= 2) & (fx >= 4) & (fx <= 8)).float()
-
-    def fit(integral_rate: float) -> tuple[SpectrumTracker, float]:  # the largest gap left, in decades
-        log_gain = torch.zeros(32, 17, requires_grad=True)
-        tracker = SpectrumTracker(32, momentum=0.2, integral_rate=integral_rate)
-        step = torch.optim.SGD([log_gain], lr=20.0)
-        for _ in range(400):
-            step.zero_grad()
-            draws = torch.fft.irfft2(torch.fft.rfft2(white[:, 0]) * log_gain.exp(), s=(32, 32))[:, None]
-            push = -0.1 * (log_gain * band).mean()
-            (tracker(noise_as_images(draws), noise_as_images(white)) + push).backward()
-            step.step()
-        return tracker, float(spectral_gap(draws.detach(), white).max())
-
-    (plain, held), (integral, closed) = fit(0.0), fit(0.01)
+    (plain, held), (integral, closed) = fit_gain_against_a_push(band), fit_gain_against_a_push(band, integral_rate=0.01)
+    held, closed = float(held.max()), float(closed.max())
     assert held > 0.04 and closed < 0.1 * held, (held, closed)
     assert sorted(plain.state_dict()) == ["fake", "real", "steps"]
     assert sorted(integral.state_dict()) == ["fake", "integral", "real", "steps"]
@@ -937,6 +949,30 @@ def test_integral_control_closes_a_spectral_gap_another_term_holds_up():
         config_lib.load("gan", ["loss.spectrum_integral=-0.01"])
     with pytest.raises(config_lib.ConfigError, match="spectrum_integral: gan-family"):
         config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_integral=0.01"])
+
+
+def test_a_broad_integral_closes_a_broad_gap_and_winds_up_at_no_single_frequency():
+    """``loss.spectrum_integral_broad``: the integral reads each frequency's neighbours' median
+    gap. A push over a broad band is closed as by the plain integral; a push at one frequency
+    builds no integral of its own there (the plain integral's stands out from its neighbours,
+    the grid check's spike where it overshoots), so only the proportional pull answers it."""
+    from t2i.training.spectrum import neighbour_median
+
+    fy, fx = rfft_frequencies()
+    band = ((fy.abs() <= 4) & (fx >= 3) & (fx <= 11)).float()
+    lone = ((fy == 10) & (fx == 10)).float()
+    interior = (slice(16 - 3, 16 + 4), slice(16 + 4, 16 + 11))  # the band, one frequency in from its edges (centred)
+    lone_at = (16 + 10, 16 + 10)
+    (_, held), (_, closed) = fit_gain_against_a_push(band + lone), fit_gain_against_a_push(
+        band + lone, integral_rate=0.01, integral_broad=True)
+    assert float(held[interior].max()) > 0.04 and float(closed[interior].max()) < 0.1 * float(held[interior].max())
+    assert float(closed[lone_at]) > 0.5 * float(held[lone_at]) > 0.02, "the lone gap is left to the proportional pull"
+    for broad, stands_out in ((False, lambda x: x > 0.01), (True, lambda x: abs(x) < 0.002)):
+        tracker, _ = fit_gain_against_a_push(band + lone, integral_rate=0.01, integral_broad=broad)
+        isolated = tracker.integral - neighbour_median(tracker.integral)
+        assert stands_out(float(isolated[lone_at])), (broad, float(isolated[lone_at]))
+    with pytest.raises(config_lib.ConfigError, match="spectrum_integral_broad: gan-family"):
+        config_lib.load(REPO / "t2i" / "configs" / "cvae.toml", ["loss.spectrum_integral_broad=true"])
 
 
 def test_the_spectral_gap_can_be_read_from_draws_made_as_after_training(shapes_dir):
