@@ -85,7 +85,7 @@ class LossConfig:
     spectrum_window: str = "none"  # gan: the spectra as they are, "hann"-windowed (no edge jumps) or "both"
     spectrum_integral: float = 0.0  # gan: > 0 adds integral control: a gap that persists builds its own pull; 0 = off
     spectrum_measure: str = "training"  # gan: the gap read from the training batch or "inference" draws (BN's running stats)
-    spectrum_integral_broad: bool = False  # gan: the integral reads each frequency's neighbours' median gap, not its own
+    spectrum_integral_limit: float = 0.0  # gan: > 0 bounds the integral to the pull of a gap this many decades; 0 = none
 
 
 @dataclass
@@ -340,7 +340,7 @@ def validate(cfg: Config) -> None:
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    spectral = ("weighting", "outlier_gap", "window", "integral", "measure", "integral_broad")
+    spectral = ("weighting", "outlier_gap", "window", "integral", "measure", "integral_limit")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
                 *(f"loss.spectrum_{key}" for key in spectral), "optim.ema_decay", "model.pixel_noise", *NOISE_SHAPE)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
@@ -356,7 +356,7 @@ def validate(cfg: Config) -> None:
         except ValueError as exc:
             problems.append(f"{key}: {exc}")
     minimums = {"loss.align_weight": 0, "loss.mode_seeking_weight": 0, "loss.spectrum_weight": 0, "optim.grad_clip": 0,
-                "loss.spectrum_outlier_gap": 0, "loss.spectrum_integral": 0, "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
+                "loss.spectrum_outlier_gap": 0, "loss.spectrum_integral": 0, "loss.spectrum_integral_limit": 0, "optim.weight_decay": 0, "optim.gamma": 0, "loss.gp_weight": 0, "train.cpus_per_worker": 0, "train.data_cpu_limit": 0,
                 "train.torch_threads": 0, "train.keep_best": 1, "train.max_failures": -1, "optim.patience": 0,
                 "data.samples_per_prompt": 1, "data.shapes_n": MIN_SHAPES, "loss.kl_warmup_epochs": 0,
                 "train.epochs": 1, "train.num_workers": 0, "data.batch_size": 1, "data.eval_captions": 0,

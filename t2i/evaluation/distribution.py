@@ -26,7 +26,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from t2i.models.dual_encoder import DualEncoder
-from t2i.training.spectrum import EPS, hann_window, mean_power_spectrum, neighbour_median
+from t2i.training.spectrum import EPS, hann_window, mean_power_spectrum
 
 KID_SUBSETS = 50
 KID_SUBSET_SIZE = 1000
@@ -88,7 +88,8 @@ def isolated_excess(excess: torch.Tensor) -> torch.Tensor:
     each image's mean is removed it holds no power, or through a window only the window's
     weighted mean of what is left). A grid's power swings from one frequency to the next and stands
     out; a broad excess (more contrast at some scale than the photos have) cancels."""
-    isolated = excess - neighbour_median(excess)
+    around = [torch.roll(excess, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    isolated = excess - torch.stack(around).median(0).values
     isolated[excess.shape[0] // 2, excess.shape[1] // 2] = float("-inf")  # zero frequency: each mean is removed
     return isolated
 

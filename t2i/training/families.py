@@ -232,7 +232,7 @@ class GANFamily(Family):
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval() if cfg.optim.ema_decay > 0 else None
         self.spectra = (SpectrumTracker(cfg.model.image_size, weighting=cfg.loss.spectrum_weighting,
                                         outlier_gap=cfg.loss.spectrum_outlier_gap, window=cfg.loss.spectrum_window,
-                                        integral_rate=cfg.loss.spectrum_integral, integral_broad=cfg.loss.spectrum_integral_broad)
+                                        integral_rate=cfg.loss.spectrum_integral, integral_limit=cfg.loss.spectrum_integral_limit)
                         if cfg.loss.spectrum_weight > 0 else None)
         if cfg.loss.align_weight > 0 and alignment_encoder is None:
             raise ValueError("loss.align_weight > 0 needs the frozen alignment-loss encoder "

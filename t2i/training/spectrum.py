@@ -52,13 +52,6 @@ def power_weights(real_power: torch.Tensor) -> torch.Tensor:
     return 1.0 + real_power / real_power.mean()
 
 
-def neighbour_median(values: torch.Tensor) -> torch.Tensor:
-    """(H, W) -> (H, W): the median of each frequency's 8 neighbours (the spectrum wraps around).
-    What a frequency shares with its neighbours: the grid check's isolated excess is the rest."""
-    around = [torch.roll(values, (dy, dx), (0, 1)) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-    return torch.stack(around).median(0).values
-
-
 def outlier_weights(gap: torch.Tensor, scale: float) -> torch.Tensor:
     """1 + (gap / scale)^2 per frequency, re-read from the gap at each step (iteratively
     reweighted least squares): where |gap| > scale the pull grows ~ gap^3 instead of ~ gap, so the
@@ -117,16 +110,17 @@ class SpectrumTracker(nn.Module):
     2018): each step every frequency's pull grows by rate x 2 x weight x gap (the gap clipped
     to +-INTEGRAL_CLIP). A pull proportional to the gap settles where it balances the other
     terms' push, so a gap those terms hold up persists; the integral grows until it is gone.
-    ``integral_broad``: it integrates each frequency's :func:`neighbour_median` gap instead of its
-    own, so a gap at one frequency (where a slow answer overshoots into a spike) never winds it up;
-    those are left to the proportional pull, and the integral can only draw a smooth correction."""
+    ``integral_limit`` > 0 bounds each frequency's integral to the pull of a gap that many decades
+    (integrator clamping, the textbook anti-windup, Astrom & Hagglund 2006): a deficit the
+    generator cannot answer yet (early in training, or where it answers slowly) would otherwise
+    build a pull that overshoots long after the gap has closed."""
 
     def __init__(self, size: int, momentum: float = 0.02, weighting: str = "uniform", outlier_gap: float = 0.0,
-                 window: str = "none", integral_rate: float = 0.0, integral_broad: bool = False):
+                 window: str = "none", integral_rate: float = 0.0, integral_limit: float = 0.0):
         super().__init__()
         self.momentum = momentum
         self.outlier_gap = outlier_gap  # see outlier_weights
-        self.integral_rate, self.integral_broad = integral_rate, integral_broad
+        self.integral_rate, self.integral_limit = integral_rate, integral_limit
         self.by_power = weighting == "power"  # weights follow the real spectrum, set each step
         self.views = WINDOW_VIEWS[window]
         # Not saved: derived from the size, so runs from before them resume unchanged.
@@ -161,8 +155,10 @@ class SpectrumTracker(nn.Module):
             integral = None
             if self.integral_rate > 0:
                 integral = getattr(self, f"{view}integral")
-                step = (neighbour_median(gap) if self.integral_broad else gap).clamp(-INTEGRAL_CLIP, INTEGRAL_CLIP)
-                integral.add_(self.integral_rate * 2 * weights * step)
+                integral.add_(self.integral_rate * 2 * weights * gap.clamp(-INTEGRAL_CLIP, INTEGRAL_CLIP))
+                if self.integral_limit > 0:
+                    bound = 2 * weights * self.integral_limit
+                    integral.copy_(torch.maximum(torch.minimum(integral, bound), -bound))
             if self.outlier_gap > 0:
                 weights = weights * outlier_weights(gap, self.outlier_gap)
         return spectrum_matching_loss(fake_power, gap, weights, integral)
