@@ -18,8 +18,10 @@ one direction (or a shortfall of the photos' horizontal and vertical structure) 
 With ``--modes`` it also prints, by ring, the excess over the train photos of draws for train
 captions made as in training (batch norm on each batch of 32's statistics) and as ``sample``
 makes them after training (its running statistics): what ``loss.spectrum_measure`` is about.
+With ``--integral`` it also prints the spectral term's integral (``loss.spectrum_integral``) as
+saved in the checkpoint, in decades of the gap whose proportional pull it equals.
 
-    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed] [--angles] [--modes]
+    python benchmarks/probe_spectrum.py --checkpoint runs/table2/gan --data data/f8k [--captions 1000] [--top 6] [--rank spike] [--windowed] [--angles] [--modes] [--integral]
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from t2i.data.dataset import load_manifest, read_split_arrays, to_float
 from t2i.evaluation.distribution import isolated_excess, log_power_spectrum
 from t2i.training import checkpoint as ckpt_lib
+from t2i.training.spectrum import power_weights, ring_weights
 
 COARSE_SIDES = (32, 16, 8)  # the maps the generator's blocks upsample, last first
 RINGS = ((1, 4), (4, 10), (10, 20), (20, 32))  # radii in cycles per image, [low, high)
@@ -84,8 +87,10 @@ def main() -> None:
     parser.add_argument("--windowed", action="store_true", help="Hann-window the images first (no edge jumps)")
     parser.add_argument("--angles", action="store_true", help="also print the mean excess by ring and direction")
     parser.add_argument("--modes", action="store_true", help="also compare draws made as in training and after it")
+    parser.add_argument("--integral", action="store_true", help="also print the spectral term's saved integral")
     args = parser.parse_args()
-    model = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint)).model.eval()
+    loaded = ckpt_lib.load(ckpt_lib.model_file(args.checkpoint))
+    model = loaded.model.eval()
     test = read_split_arrays(args.data, load_manifest(args.data), "test")
     ids = torch.tensor(test["word_ids"][: args.captions]).long()
     torch.manual_seed(0)
@@ -122,6 +127,32 @@ def main() -> None:
             print(f"{low:>3d}-{high:<4d}" + "".join(f"{m:+8.2f}" for m in means))
     if args.modes:
         print_mode_gap(model, args.data, args.captions, args.windowed)
+    if args.integral:
+        print_integral(loaded, args.top)
+
+
+def print_integral(loaded: ckpt_lib.LoadedCheckpoint, top: int) -> None:
+    """The integral per frequency over 2 x its weight: the gap (decades) whose proportional pull it
+    adds. Its size by quantile, the largest, and the share of it that stands out from its 8
+    neighbours (the isolated part, as the grid check's spike reads an excess)."""
+    spectra = loaded.state["training"].get("spectra", {})
+    if "integral" not in spectra:
+        print("no integral saved: the run trained with loss.spectrum_integral = 0 (or the plain-view state only)")
+        return
+    weighting = loaded.config.loss.spectrum_weighting
+    side = spectra["real"].shape[0]
+    weights = (power_weights(spectra["real"]) if weighting == "power" else ring_weights(side) if weighting == "ring"
+               else torch.ones(side, side))
+    pull = spectra["integral"] / (2 * weights)
+    size, centre = pull.abs().flatten(), side // 2
+    print("integral as decades of gap: " + ", ".join(f"{q:.0%} {float(size.quantile(q)):.3f}" for q in (0.5, 0.9, 0.99))
+          + f", max {float(size.max()):.3f}; isolated share {float(isolated_excess(pull).clamp(min=0).mean() / size.mean()):.2f}")
+    largest: list[tuple[int, int]] = []
+    for index in size.argsort(descending=True).tolist():  # one of each +-f pair, as above
+        f = (index // side - centre, index % side - centre)
+        if (-f[0], -f[1]) not in largest and len(largest) < top:
+            largest.append(f)
+    print("largest: " + ", ".join(f"{f}: {float(pull[f[0] + centre, f[1] + centre]):+.2f}" for f in largest))
 
 
 def print_mode_gap(model: torch.nn.Module, data: str, captions: int, windowed: bool) -> None:

@@ -88,10 +88,7 @@ def test_the_windowed_check_sees_the_grid_but_not_the_edge_jump(shapes_images):
     assert not torch.equal(log_power_spectrum(real, windowed=True), log_power_spectrum(real))
 
 
-def test_the_probe_sorts_an_excess_by_direction():
-    """benchmarks/probe_spectrum.py --angles: an excess on the fx axis (the images' vertical
-    edges) lands in direction 0 only, and a texture along one oblique line in that line's sector
-    (its mirror image stays at 0)."""
+def load_probe():
     import importlib.util
 
     from conftest import REPO
@@ -99,6 +96,14 @@ def test_the_probe_sorts_an_excess_by_direction():
     spec = importlib.util.spec_from_file_location("probe_spectrum", REPO / "benchmarks" / "probe_spectrum.py")
     probe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(probe)
+    return probe
+
+
+def test_the_probe_sorts_an_excess_by_direction():
+    """benchmarks/probe_spectrum.py --angles: an excess on the fx axis (the images' vertical
+    edges) lands in direction 0 only, and a texture along one oblique line in that line's sector
+    (its mirror image stays at 0)."""
+    probe = load_probe()
     offsets = torch.arange(64) - 32
     fy, fx = torch.meshgrid(offsets, offsets, indexing="ij")
     for excess_at, sector in (((fy == 0) & (fx != 0), 0), ((fy == -2 * fx) & (fy != 0), 5)):
@@ -106,3 +111,28 @@ def test_the_probe_sorts_an_excess_by_direction():
         assert list(table) == list(probe.RINGS)
         for means in table.values():
             assert means[sector] > 0 and all(m == 0 for k, m in enumerate(means) if k != sector), (sector, means)
+
+
+def test_the_probe_reads_a_saved_integral_as_decades_and_tells_a_checkerboard(capsys):
+    """benchmarks/probe_spectrum.py --integral: the integral over 2 x its (power) weight; a smooth
+    integral has almost no isolated share, a checkerboard of signs (a run-away integral) most of it;
+    a run without one says so."""
+    from types import SimpleNamespace
+
+    from t2i import config as config_lib
+
+    probe = load_probe()
+    real = torch.ones(64, 64)  # power weights 2 everywhere
+    offsets = torch.arange(64) - 32
+    fy, fx = torch.meshgrid(offsets, offsets, indexing="ij")
+    cfg = config_lib.load("gan")
+    shares = {}
+    for name, integral in (("smooth", 0.4 * torch.ones(64, 64)), ("checkerboard", 0.4 * (-1.0) ** (fy + fx))):
+        saved = SimpleNamespace(config=cfg, state={"training": {"spectra": {"real": real, "integral": integral}}})
+        probe.print_integral(saved, top=2)
+        out = capsys.readouterr().out
+        assert "50% 0.100" in out and "max 0.100" in out, out  # 0.4 / (2 x 2)
+        shares[name] = float(out.split("isolated share ")[1].split()[0])
+    assert shares["smooth"] < 0.05 and shares["checkerboard"] > 0.5, shares
+    probe.print_integral(SimpleNamespace(config=cfg, state={"training": {"spectra": {"real": real}}}), top=2)
+    assert "no integral saved" in capsys.readouterr().out
