@@ -145,18 +145,15 @@ SMOKE_TEST = ("data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "mode
               "model.latent_dim=8", "data.samples_per_prompt=2")
 
 CHOICES = {
-    "model.family": ("seed", "cvae", "gan"),
-    "model.text_encoder": ("mean", "pool", "gru"),
-    "model.decoder": ("plain", "modulated"),
-    "model.upsample": ("nearest", "bilinear", "lanczos"),
+    "model.family": ("seed", "cvae", "gan"), "model.text_encoder": ("mean", "pool", "gru"),
+    "model.decoder": ("plain", "modulated"), "model.upsample": ("nearest", "bilinear", "lanczos"),
     "model.block": ("plain", "residual"), "model.padding": ("zeros", "reflect"),
     "model.noise_basis": ("gaussian", "flat"), "model.noise_images": ("shared", "per_channel"),
     "model.noise_spectrum": ("fixed", "learned"), "loss.likelihood": ("gaussian", "bernoulli"),
     "loss.spectrum_weighting": ("uniform", "ring", "power"), "loss.spectrum_window": ("none", "hann", "both"),
     "loss.spectrum_measure": ("training", "inference"), "train.tracking": ("tensorboard", "mlflow", "none"),
     "optim.name": ("rmsprop", "adam"), "optim.schedule": ("constant", "exponential", "plateau", "cosine"),
-    "train.use_gpu": ("auto", "true", "false"),
-    "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+    "train.use_gpu": ("auto", "true", "false"), "train.placement_strategy": ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
 }
 
 
@@ -300,9 +297,8 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     overridden = dict(parse_override(item) for item in overrides)
     for key, value in overridden.items():
         _set(cfg, key, value)
-    if "model.pixel_noise" in overridden and not cfg.model.pixel_noise:  # the file's noise shape is moot then
-        for key in set(NOISE_SHAPE) - set(overridden):
-            _set(cfg, key, _get(Config(), key))
+    for key in {k for s, (keys, *_) in SWITCHES.items() if s in overridden and not _get(cfg, s) for k in keys} - set(overridden):
+        _set(cfg, key, _get(Config(), key))  # under a switch turned off here, the file's settings go back to defaults
     validate(cfg)
     return cfg
 
@@ -315,6 +311,10 @@ def from_dict(values: dict[str, dict[str, Any]]) -> Config:
 
 
 NOISE_SHAPE = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")  # meaningful with model.pixel_noise only
+SPECTRAL = tuple(f"loss.spectrum_{k}" for k in ("weighting", "outlier_gap", "window", "integral", "measure", "integral_limit"))
+SWITCHES = {"model.pixel_noise": (NOISE_SHAPE, "the noise inputs", "model.pixel_noise = true"),  # keys moot while it is off
+            "loss.spectrum_weight": (SPECTRAL, "the spectral term", "loss.spectrum_weight > 0"),
+            "loss.spectrum_integral": (("loss.spectrum_integral_limit",), "the spectral term's integral", "loss.spectrum_integral > 0")}
 MIN_SHAPES = 50  # the built-in set needs some images in each of its splits
 SAFE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}")  # a run folder never escapes storage_path
 
@@ -340,14 +340,14 @@ def validate(cfg: Config) -> None:
         problems.append("the gan family needs model.decoder = 'modulated' and optim.name = 'adam' (the built-in `gan` config)")
     if cfg.loss.beta < 0 or cfg.loss.free_bits < 0:
         problems.append("loss.beta and loss.free_bits must be >= 0")
-    spectral = ("weighting", "outlier_gap", "window", "integral", "measure", "integral_limit")
     gan_only = ("loss.align_weight", "loss.augment", "loss.align_augment", "loss.mode_seeking_weight", "loss.spectrum_weight",
-                *(f"loss.spectrum_{key}" for key in spectral), "optim.ema_decay", "model.pixel_noise", *NOISE_SHAPE)
+                *SPECTRAL, "optim.ema_decay", "model.pixel_noise", *NOISE_SHAPE)
     changed = [key for key in gan_only if _get(cfg, key) != _get(Config(), key)]
     if cfg.model.family != "gan" and changed:
         problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")
-    if not cfg.model.pixel_noise and (shaping := [key for key in changed if key in NOISE_SHAPE]):
-        problems.append(f"{', '.join(shaping)} shapes the noise inputs, which are off: set model.pixel_noise = true")
+    for switch, (dependents, what, turn_on) in SWITCHES.items():
+        if cfg.model.family == "gan" and not _get(cfg, switch) and (idle := [k for k in changed if k in dependents]):
+            problems.append(f"{', '.join(idle)} shapes {what}, which {'are' if what.endswith('s') else 'is'} off: set {turn_on}")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
     for key in ("loss.augment", "loss.align_augment"):

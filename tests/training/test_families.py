@@ -971,6 +971,12 @@ def test_a_limited_integral_closes_a_small_gap_and_overshoots_less_after_a_long_
     assert overshoot[0.1] < 0.5 * overshoot[0.0], overshoot
     with pytest.raises(config_lib.ConfigError, match="spectrum_integral_limit must be >= 0"):
         config_lib.load("gan", ["loss.spectrum_integral_limit=-1"])
+    with pytest.raises(config_lib.ConfigError, match="spectrum_integral_limit shapes the spectral term's integral, which is off"):
+        config_lib.load("gan", ["loss.spectrum_integral_limit=0.1"])  # no integral to bound
+    with pytest.raises(config_lib.ConfigError, match="spectrum_window shapes the spectral term, which is off"):
+        config_lib.load("gan", ["loss.spectrum_weight=0", "loss.spectrum_window=hann"])
+    quiet = config_lib.load("gan", ["loss.spectrum_weight=0"])  # the file's spectral settings go with the term
+    assert (quiet.loss.spectrum_weighting, quiet.loss.spectrum_outlier_gap) == ("uniform", 0.0)
 
 
 def test_the_spectral_gap_can_be_read_from_draws_made_as_after_training(shapes_dir):
