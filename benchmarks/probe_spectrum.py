@@ -134,25 +134,29 @@ def main() -> None:
 def print_integral(loaded: ckpt_lib.LoadedCheckpoint, top: int) -> None:
     """The integral per frequency over 2 x its weight: the gap (decades) whose proportional pull it
     adds. Its size by quantile, the largest, and the share of it that stands out from its 8
-    neighbours (the isolated part, as the grid check's spike reads an excess)."""
+    neighbours (the isolated part, as the grid check's spike reads an excess). Each view the run
+    trained (plain, Hann-windowed) has its own."""
     spectra = loaded.state["training"].get("spectra", {})
-    if "integral" not in spectra:
-        print("no integral saved: the run trained with loss.spectrum_integral = 0 (or the plain-view state only)")
-        return
+    views = [view for view in ("", "windowed_") if f"{view}integral" in spectra]
+    if not views:
+        print("no integral saved: the run trained with loss.spectrum_integral = 0")
     weighting = loaded.config.loss.spectrum_weighting
-    side = spectra["real"].shape[0]
-    weights = (power_weights(spectra["real"]) if weighting == "power" else ring_weights(side) if weighting == "ring"
-               else torch.ones(side, side))
-    pull = spectra["integral"] / (2 * weights)
-    size, centre = pull.abs().flatten(), side // 2
-    print("integral as decades of gap: " + ", ".join(f"{q:.0%} {float(size.quantile(q)):.3f}" for q in (0.5, 0.9, 0.99))
-          + f", max {float(size.max()):.3f}; isolated share {float(isolated_excess(pull).clamp(min=0).mean() / size.mean()):.2f}")
-    largest: list[tuple[int, int]] = []
-    for index in size.argsort(descending=True).tolist():  # one of each +-f pair, as above
-        f = (index // side - centre, index % side - centre)
-        if (-f[0], -f[1]) not in largest and len(largest) < top:
-            largest.append(f)
-    print("largest: " + ", ".join(f"{f}: {float(pull[f[0] + centre, f[1] + centre]):+.2f}" for f in largest))
+    for view in views:
+        real = spectra[f"{view}real"]
+        side, centre = real.shape[0], real.shape[0] // 2
+        weights = (power_weights(real) if weighting == "power" else ring_weights(side) if weighting == "ring"
+                   else torch.ones(side, side))
+        pull = spectra[f"{view}integral"] / (2 * weights)
+        size = pull.abs().flatten()
+        print(f"{view.replace('_', ' ')}integral as decades of gap: "
+              + ", ".join(f"{q:.0%} {float(size.quantile(q)):.3f}" for q in (0.5, 0.9, 0.99))
+              + f", max {float(size.max()):.3f}; isolated share {float(isolated_excess(pull).clamp(min=0).mean() / size.mean()):.2f}")
+        largest: list[tuple[int, int]] = []
+        for index in size.argsort(descending=True).tolist():  # one of each +-f pair, as above
+            f = (index // side - centre, index % side - centre)
+            if (-f[0], -f[1]) not in largest and len(largest) < top:
+                largest.append(f)
+        print("largest: " + ", ".join(f"{f}: {float(pull[f[0] + centre, f[1] + centre]):+.2f}" for f in largest))
 
 
 def print_mode_gap(model: torch.nn.Module, data: str, captions: int, windowed: bool) -> None:

@@ -136,3 +136,6 @@ def test_the_probe_reads_a_saved_integral_as_decades_and_tells_a_checkerboard(ca
     assert shares["smooth"] < 0.05 and shares["checkerboard"] > 0.5, shares
     probe.print_integral(SimpleNamespace(config=cfg, state={"training": {"spectra": {"real": real}}}), top=2)
     assert "no integral saved" in capsys.readouterr().out
+    windowed_only = {"windowed_real": real, "windowed_integral": 0.4 * torch.ones(64, 64)}  # loss.spectrum_window = "hann"
+    probe.print_integral(SimpleNamespace(config=cfg, state={"training": {"spectra": windowed_only}}), top=2)
+    assert capsys.readouterr().out.startswith("windowed integral as decades of gap: 50% 0.100")
