@@ -40,7 +40,7 @@ import torch
 from t2i.data.dataset import load_manifest, read_split_arrays, to_float
 from t2i.evaluation.distribution import isolated_excess, log_power_spectrum
 from t2i.training import checkpoint as ckpt_lib
-from t2i.training.spectrum import power_weights, ring_weights
+from t2i.training.spectrum import SpectrumTracker
 
 COARSE_SIDES = (32, 16, 8)  # the maps the generator's blocks upsample, last first
 RINGS = ((1, 4), (4, 10), (10, 20), (20, 32))  # radii in cycles per image, [low, high)
@@ -57,6 +57,19 @@ def upsampling_chain(fy: int, fx: int) -> list[tuple[int, int]]:
             break
         chain.append(source)
     return chain
+
+
+def largest_frequencies(values: torch.Tensor, side: int, top: int) -> list[tuple[int, int]]:
+    """The ``top`` frequencies (fy, fx) of the largest ``values`` (flattened, zero frequency at the
+    centre), one of each +-f pair: real images' spectra are point-symmetric."""
+    centre, listed = side // 2, []
+    for index in values.argsort(descending=True).tolist():
+        fy, fx = index // side - centre, index % side - centre
+        if (-fy, -fx) not in listed:
+            listed.append((fy, fx))
+        if len(listed) == top:
+            break
+    return listed
 
 
 def centred_frequencies(side: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,14 +113,7 @@ def main() -> None:
     side, centre = fake.shape[1], fake.shape[1] // 2
     excess = fake - real
     ranked = (isolated_excess(excess) if args.rank == "spike" else excess).flatten()
-    # Real images' spectra are point-symmetric: list one of each +-f pair.
-    listed: list[tuple[int, int]] = []
-    for index in ranked.argsort(descending=True).tolist():
-        fy, fx = index // side - centre, index % side - centre
-        if (-fy, -fx) not in listed:
-            listed.append((fy, fx))
-        if len(listed) == args.top:
-            break
+    listed = largest_frequencies(ranked, side, args.top)
 
     def power(spectrum: torch.Tensor, f: tuple[int, int]) -> float:
         return float(spectrum[f[0] + centre, f[1] + centre])
@@ -140,23 +146,17 @@ def print_integral(loaded: ckpt_lib.LoadedCheckpoint, top: int) -> None:
     views = [view for view in ("", "windowed_") if f"{view}integral" in spectra]
     if not views:
         print("no integral saved: the run trained with loss.spectrum_integral = 0")
-    weighting = loaded.config.loss.spectrum_weighting
     for view in views:
         real = spectra[f"{view}real"]
         side, centre = real.shape[0], real.shape[0] // 2
-        weights = (power_weights(real) if weighting == "power" else ring_weights(side) if weighting == "ring"
-                   else torch.ones(side, side))
-        pull = spectra[f"{view}integral"] / (2 * weights)
+        tracker = SpectrumTracker(side, weighting=loaded.config.loss.spectrum_weighting)  # the run's weights, as it pulled
+        pull = spectra[f"{view}integral"] / (2 * tracker.base_weights(real))
         size = pull.abs().flatten()
         print(f"{view.replace('_', ' ')}integral as decades of gap: "
               + ", ".join(f"{q:.0%} {float(size.quantile(q)):.3f}" for q in (0.5, 0.9, 0.99))
               + f", max {float(size.max()):.3f}; isolated share {float(isolated_excess(pull).clamp(min=0).mean() / size.mean()):.2f}")
-        largest: list[tuple[int, int]] = []
-        for index in size.argsort(descending=True).tolist():  # one of each +-f pair, as above
-            f = (index // side - centre, index % side - centre)
-            if (-f[0], -f[1]) not in largest and len(largest) < top:
-                largest.append(f)
-        print("largest: " + ", ".join(f"{f}: {float(pull[f[0] + centre, f[1] + centre]):+.2f}" for f in largest))
+        print("largest: " + ", ".join(f"{f}: {float(pull[f[0] + centre, f[1] + centre]):+.2f}"
+                                      for f in largest_frequencies(size, side, top)))
 
 
 def print_mode_gap(model: torch.nn.Module, data: str, captions: int, windowed: bool) -> None:

@@ -312,9 +312,9 @@ def from_dict(values: dict[str, dict[str, Any]]) -> Config:
 
 NOISE_SHAPE = ("model.noise_basis", "model.noise_images", "model.noise_spectrum")  # meaningful with model.pixel_noise only
 SPECTRAL = tuple(f"loss.spectrum_{k}" for k in ("weighting", "outlier_gap", "window", "integral", "measure", "integral_limit"))
-SWITCHES = {"model.pixel_noise": (NOISE_SHAPE, "the noise inputs", "model.pixel_noise = true"),  # keys moot while it is off
-            "loss.spectrum_weight": (SPECTRAL, "the spectral term", "loss.spectrum_weight > 0"),
-            "loss.spectrum_integral": (("loss.spectrum_integral_limit",), "the spectral term's integral", "loss.spectrum_integral > 0")}
+SWITCHES = {"model.pixel_noise": (NOISE_SHAPE, "the noise inputs, which are", "model.pixel_noise = true"),  # keys moot while off
+            "loss.spectrum_weight": (SPECTRAL, "the spectral term, which is", "loss.spectrum_weight > 0"),
+            "loss.spectrum_integral": (("loss.spectrum_integral_limit",), "the spectral term's integral, which is", "loss.spectrum_integral > 0")}
 MIN_SHAPES = 50  # the built-in set needs some images in each of its splits
 SAFE_NAME = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._-]{1,128}")  # a run folder never escapes storage_path
 
@@ -347,7 +347,7 @@ def validate(cfg: Config) -> None:
         problems.append(f"{', '.join(changed)}: gan-family settings (the VAEs never use them); leave them at their defaults")
     for switch, (dependents, what, turn_on) in SWITCHES.items():
         if cfg.model.family == "gan" and not _get(cfg, switch) and (idle := [k for k in changed if k in dependents]):
-            problems.append(f"{', '.join(idle)} shapes {what}, which {'are' if what.endswith('s') else 'is'} off: set {turn_on}")
+            problems.append(f"{', '.join(idle)} shapes {what} off: set {turn_on}")
     if not 0.0 <= cfg.optim.ema_decay < 1.0:
         problems.append("optim.ema_decay must be in [0, 1) (0 = off)")
     for key in ("loss.augment", "loss.align_augment"):

@@ -142,6 +142,10 @@ class SpectrumTracker(nn.Module):
         self.steps += 1
         return sum(terms)  # "both": each view pulls as hard as it would alone
 
+    def base_weights(self, real_power: torch.Tensor) -> torch.Tensor:
+        """Each frequency's weight before the outlier factor: by ``weighting``, from the running real spectrum."""
+        return power_weights(real_power) if self.by_power else self.weights
+
     def _term(self, fake: torch.Tensor, real: torch.Tensor, view: str, measured: torch.Tensor | None) -> torch.Tensor:
         window = self.window if view else None
         fake_power = mean_power_spectrum(fake, window)
@@ -151,14 +155,14 @@ class SpectrumTracker(nn.Module):
             real_mean.lerp_(mean_power_spectrum(real, window), rate)
             fake_mean.lerp_(fake_power.detach() if measured is None else mean_power_spectrum(measured, window), rate)
             gap = torch.log10(fake_mean + EPS) - torch.log10(real_mean + EPS)
-            weights = power_weights(real_mean) if self.by_power else self.weights
+            weights = self.base_weights(real_mean)
             integral = None
             if self.integral_rate > 0:
                 integral = getattr(self, f"{view}integral")
                 integral.add_(self.integral_rate * 2 * weights * gap.clamp(-INTEGRAL_CLIP, INTEGRAL_CLIP))
                 if self.integral_limit > 0:
                     bound = 2 * weights * self.integral_limit
-                    integral.copy_(torch.maximum(torch.minimum(integral, bound), -bound))
+                    integral.clamp_(min=-bound, max=bound)
             if self.outlier_gap > 0:
                 weights = weights * outlier_weights(gap, self.outlier_gap)
         return spectrum_matching_loss(fake_power, gap, weights, integral)

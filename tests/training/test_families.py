@@ -910,7 +910,7 @@ def fit_gain_against_a_push(push_mask: torch.Tensor, push_steps: int = 400, step
     """A gain per frequency on white noise fits the same noise's spectrum through the tracker's
     term, while another term pushes for more power where ``push_mask`` (32 x 17, rfft layout) is
     set for the first ``push_steps`` (as the alignment and mode-seeking terms push texture). ->
-    (the tracker, |the gap| left per frequency in decades, zero frequency at the centre)."""
+    (the tracker, |the gap| left per frequency in decades, as :func:`spectral_gap`)."""
     torch.manual_seed(0)
     white = torch.randn(64, 1, 32, 32)
     log_gain = torch.zeros(32, 17, requires_grad=True)
@@ -922,12 +922,7 @@ def fit_gain_against_a_push(push_mask: torch.Tensor, push_steps: int = 400, step
         push = -0.1 * (log_gain * push_mask).mean() * (i < push_steps)
         (tracker(noise_as_images(draws), noise_as_images(white)) + push).backward()
         step.step()
-    from t2i.training.spectrum import mean_power_spectrum
-
-    with torch.no_grad():
-        gap = (mean_power_spectrum(noise_as_images(draws)).log10() - mean_power_spectrum(noise_as_images(white)).log10())
-    gap[16, 16] = 0.0  # the zero frequency: each image's mean is removed, no power
-    return tracker, gap.abs()
+    return tracker, spectral_gap(draws.detach(), white)
 
 
 def rfft_frequencies() -> tuple[torch.Tensor, torch.Tensor]:
