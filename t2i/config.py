@@ -7,11 +7,10 @@ A key that is not a field is rejected with the valid ones listed, before a worke
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -59,6 +58,7 @@ class ModelConfig:
     padding: str = "zeros"
     # its blocks: "plain" (upsample, one conv, BN, caption affine) or "residual" (DF-GAN's, ~1.6x the convs)
     block: str = "plain"
+    activation: str = "leaky"      # the blocks' LeakyReLU as is ("leaky") or at twice the rate, low-passed ("filtered")
     pixel_noise: bool = False      # gan: StyleGAN's per-pixel noise inputs in every block (fine detail, no grid)
     noise_basis: str = "gaussian"  # gan: the noise's fixed basis, "gaussian" draws or "flat" (no spectral speckle)
     noise_images: str = "shared"   # gan: one noise image per block ("shared", StyleGAN's) or one per channel
@@ -137,7 +137,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 # A tiny model for two epochs on a small shapes set: `--smoke-test` checks a setup in a minute or two.
@@ -147,7 +147,7 @@ SMOKE_TEST = ("data.shapes_n=300", "data.batch_size=32", "train.epochs=2", "mode
 CHOICES = {
     "model.family": ("seed", "cvae", "gan"), "model.text_encoder": ("mean", "pool", "gru"),
     "model.decoder": ("plain", "modulated"), "model.upsample": ("nearest", "bilinear", "lanczos"),
-    "model.block": ("plain", "residual"), "model.padding": ("zeros", "reflect"),
+    "model.block": ("plain", "residual"), "model.padding": ("zeros", "reflect"), "model.activation": ("leaky", "filtered"),
     "model.noise_basis": ("gaussian", "flat"), "model.noise_images": ("shared", "per_channel"),
     "model.noise_spectrum": ("fixed", "learned"), "loss.likelihood": ("gaussian", "bernoulli"),
     "loss.spectrum_weighting": ("uniform", "ring", "power"), "loss.spectrum_window": ("none", "hann", "both"),

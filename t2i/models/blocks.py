@@ -177,18 +177,50 @@ def lanczos_matrix(size: int, device: torch.device | str = "cpu", dtype: torch.d
     return matrix.to(device, dtype)
 
 
+@functools.cache
+def lanczos_decimation_matrix(size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(2 size, size): y @ D halves the last axis of y: the transpose of :func:`lanczos_matrix`, each
+    row normalised, so each coarse pixel is a Lanczos-weighted mean of the fine ones (a low-pass
+    before the decimation, flat to a constant)."""
+    upsampling = lanczos_matrix(size)
+    return (upsampling / upsampling.sum(1, keepdim=True)).t().contiguous().to(device, dtype)
+
+
+def separable_resample(x: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H', W'): rows (H, H') and columns (W, W') applied as two dense
+    matmuls over the channels-last layout the models train in (on CPU far faster than depthwise
+    convolutions, and no layout copies)."""
+    batch, channels, height, width = x.shape
+    out_height, out_width = rows.shape[1], columns.shape[1]
+    pixels = x.permute(0, 2, 3, 1).reshape(batch * height, width, channels)  # (B, H, W, C): free if channels-last
+    resampled = torch.matmul(columns.t(), pixels).reshape(batch, height, out_width * channels)
+    return torch.matmul(rows.t(), resampled).view(batch, out_height, out_width, channels).permute(0, 3, 1, 2)
+
+
 def lanczos_upsample2x(x: torch.Tensor) -> torch.Tensor:
     """x2 upsampling through a Lanczos-3 low-pass, separable, edges replicated. Against nearest's
     copies of the coarse spectrum (power -0.5 to -1 decade) it leaves -3 to -4 decades, and keeps
     the pass band flat to 0.6 of the coarse Nyquist frequency where bilinear already loses 20 %
-    of the amplitude: the filtered upsampling of StyleGAN3 (Karras et al. 2021), a windowed sinc,
-    without its filtered nonlinearities. Two dense matmuls over the channels-last layout the
-    models train in (on CPU far faster than depthwise convolutions, and no layout copies)."""
-    batch, channels, height, width = x.shape
-    rows, columns = lanczos_matrix(height, x.device, x.dtype), lanczos_matrix(width, x.device, x.dtype)
-    pixels = x.permute(0, 2, 3, 1).reshape(batch * height, width, channels)  # (B, H, W, C): free if channels-last
-    wide = torch.matmul(columns.t(), pixels).reshape(batch, height, 2 * width * channels)
-    return torch.matmul(rows.t(), wide).view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
+    of the amplitude: the filtered upsampling of StyleGAN3 (Karras et al. 2021), a windowed sinc."""
+    height, width = x.shape[-2:]
+    return separable_resample(x, lanczos_matrix(height, x.device, x.dtype), lanczos_matrix(width, x.device, x.dtype))
+
+
+def lanczos_downsample2x(x: torch.Tensor) -> torch.Tensor:
+    """/2 downsampling through the same Lanczos-3 low-pass (:func:`lanczos_decimation_matrix`)."""
+    height, width = x.shape[-2:]
+    return separable_resample(x, lanczos_decimation_matrix(height // 2, x.device, x.dtype),
+                              lanczos_decimation_matrix(width // 2, x.device, x.dtype))
+
+
+def leaky_relu(x: torch.Tensor, filtered: bool = False) -> torch.Tensor:
+    """LeakyReLU(0.2); ``filtered``: StyleGAN3's filtered nonlinearity (Karras et al. 2021, Sec. 3.2;
+    filtered_lrelu in NVlabs/stylegan3: x2 upsample, the nonlinearity, low-pass, /2). A pointwise
+    kink makes frequencies past the map's Nyquist that fold back into it as a fine texture tied
+    to the pixel grid; applied at twice the rate they are made there and filtered away."""
+    if not filtered:
+        return nn.functional.leaky_relu(x, 0.2)
+    return lanczos_downsample2x(nn.functional.leaky_relu(lanczos_upsample2x(x), 0.2))
 
 
 def upsample2x(x: torch.Tensor, mode: str) -> torch.Tensor:
@@ -289,16 +321,16 @@ def add_noise(noise: PixelNoise | None, x: torch.Tensor, source: torch.Tensor | 
 
 
 class ModulatedUpBlock(nn.Module):
-    """x2 upsample -> 3x3 conv -> BN (no affine) -> caption affine -> LeakyReLU.
+    """x2 upsample -> 3x3 conv -> BN (no affine) -> caption affine -> LeakyReLU (``filtered``: StyleGAN3's).
     Upsample + conv rather than a transposed conv avoids checkerboard artefacts (Odena et
     al. 2016); StackGAN's and DF-GAN's generators upsample this way, with "nearest", whose
     copies of the coarse spectrum one 3x3 conv does not remove; "bilinear" filters them
     (StyleGAN2's upsampling is a filtered one for this reason; Karras et al. 2020)."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest",
-                 padding: str = "zeros", noise: PixelNoise | None = None):
+                 padding: str = "zeros", noise: PixelNoise | None = None, filtered: bool = False):
         super().__init__()
-        self.upsample = upsample
+        self.upsample, self.filtered = upsample, filtered
         self.conv = nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False, padding_mode=padding)
         self.noise = noise
         self.norm = nn.BatchNorm2d(out_channels, affine=False)
@@ -306,7 +338,7 @@ class ModulatedUpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, noise_source: torch.Tensor | None = None) -> torch.Tensor:
         x = add_noise(self.noise, self.conv(upsample2x(x, self.upsample)), noise_source)
-        return nn.functional.leaky_relu(self.affine(self.norm(x), cond), 0.2)
+        return leaky_relu(self.affine(self.norm(x), cond), self.filtered)
 
 
 class ResidualUpBlock(nn.Module):
@@ -317,9 +349,9 @@ class ResidualUpBlock(nn.Module):
     give the block a second filter over nearest upsampling's spectral copies."""
 
     def __init__(self, in_channels: int, out_channels: int, cond_dim: int, upsample: str = "nearest",
-                 padding: str = "zeros", noise: PixelNoise | None = None):
+                 padding: str = "zeros", noise: PixelNoise | None = None, filtered: bool = False):
         super().__init__()
-        self.upsample = upsample
+        self.upsample, self.filtered = upsample, filtered
         self.noise = noise  # after the second conv, before the shortcut joins
         self.fuse1 = nn.ModuleList([TextAffine(cond_dim, in_channels), TextAffine(cond_dim, in_channels)])
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1, padding_mode=padding)
@@ -327,10 +359,9 @@ class ResidualUpBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, padding_mode=padding)
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    @staticmethod
-    def fuse(affines: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def fuse(self, affines: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         for affine in affines:
-            x = nn.functional.leaky_relu(affine(x, cond), 0.2)
+            x = leaky_relu(affine(x, cond), self.filtered)
         return x
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, noise_source: torch.Tensor | None = None) -> torch.Tensor:
@@ -366,7 +397,8 @@ class ModulatedDecoder(nn.Module):
             UP_BLOCKS[cfg.block](a, b, cond_dim, cfg.upsample, padding,
                                  PixelNoise(noise_dim, b, 8 << i, basis=cfg.noise_basis,
                                             per_channel=cfg.noise_images == "per_channel",
-                                            spectrum=cfg.noise_spectrum) if noise_dim else None)
+                                            spectrum=cfg.noise_spectrum) if noise_dim else None,
+                                 filtered=cfg.activation == "filtered")
             for i, (a, b) in enumerate(zip(channels[:-1], channels[1:])))
         # A residual block ends in a conv, not an activation: DF-GAN's to_rgb starts with one.
         pre_activation = [nn.LeakyReLU(0.2)] if cfg.block == "residual" else []
