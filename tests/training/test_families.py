@@ -742,6 +742,31 @@ def test_lanczos_upsampling_keeps_the_pass_band_and_removes_the_copies():
     assert constant.shape == (2, 3, 8, 8) and torch.allclose(constant, torch.full_like(constant, 0.3), atol=1e-6)
 
 
+def test_a_filtered_leaky_relu_folds_less_of_its_harmonics_back_into_the_map():
+    """A sine of 9 cycles across 32 pixels through LeakyReLU: its 2nd harmonic (18 cycles) lies
+    past the map's Nyquist frequency (16) and folds back to 14; the 4th (36) to 4. Made at twice
+    the rate and low-passed (StyleGAN3's filtered nonlinearity) a tenth of it comes back or
+    less, the sine itself keeps its power, and the block keeps its shapes and the identity on
+    positives (a constant stays the same)."""
+    from t2i.models.blocks import ModulatedUpBlock, ResidualUpBlock, leaky_relu
+
+    side, f = 32, 9
+    wave = torch.sin(2 * torch.pi * f * torch.arange(side) / side).repeat(side, 1)[None, None]
+    share = {}
+    for filtered in (False, True):
+        power = torch.fft.rfft(leaky_relu(wave, filtered)[0, 0, 7]).abs() ** 2
+        share[filtered] = (float(power[f]), float(power[side - 2 * f] / power[f]), float(power[4 * f - side] / power[f]))
+    (plain_own, plain_h2, plain_h4), (own, h2, h4) = share[False], share[True]
+    assert plain_h2 > 0.05 and h2 < 0.15 * plain_h2 and h4 < 0.1 * plain_h4, share
+    assert abs(own / plain_own - 1) < 0.05, share
+    constant = torch.full((2, 3, 8, 8), 0.3)
+    assert torch.allclose(leaky_relu(constant, True), constant, atol=1e-6)
+    cond = torch.randn(2, 4)
+    for block in (ModulatedUpBlock(8, 6, 4, "lanczos", "reflect", filtered=True),
+                  ResidualUpBlock(8, 6, 4, "lanczos", "reflect", filtered=True)):
+        assert block(torch.randn(2, 8, 8, 8), cond).shape == (2, 6, 16, 16)
+
+
 def test_pixel_noise_gives_a_filtered_generator_fine_detail_that_its_seed_fixes():
     """StyleGAN's noise inputs: white noise of variance strength^2 per pixel, none for the mean
     draw (z = 0), the same image for the same seed (sample_from_noise and serving stay
