@@ -88,22 +88,22 @@ def test_the_windowed_check_sees_the_grid_but_not_the_edge_jump(shapes_images):
     assert not torch.equal(log_power_spectrum(real, windowed=True), log_power_spectrum(real))
 
 
-def load_probe():
+def load_benchmark(name: str = "probe_spectrum"):
     import importlib.util
 
     from conftest import REPO
 
-    spec = importlib.util.spec_from_file_location("probe_spectrum", REPO / "benchmarks" / "probe_spectrum.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_the_probe_sorts_an_excess_by_direction():
     """benchmarks/probe_spectrum.py --angles: an excess on the fx axis (the images' vertical
     edges) lands in direction 0 only, and a texture along one oblique line in that line's sector
     (its mirror image stays at 0)."""
-    probe = load_probe()
+    probe = load_benchmark()
     offsets = torch.arange(64) - 32
     fy, fx = torch.meshgrid(offsets, offsets, indexing="ij")
     for excess_at, sector in (((fy == 0) & (fx != 0), 0), ((fy == -2 * fx) & (fy != 0), 5)):
@@ -121,7 +121,7 @@ def test_the_probe_reads_a_saved_integral_as_decades_and_tells_a_checkerboard(ca
 
     from t2i import config as config_lib
 
-    probe = load_probe()
+    probe = load_benchmark()
     real = torch.ones(64, 64)  # power weights 2 everywhere
     offsets = torch.arange(64) - 32
     fy, fx = torch.meshgrid(offsets, offsets, indexing="ij")
@@ -139,3 +139,27 @@ def test_the_probe_reads_a_saved_integral_as_decades_and_tells_a_checkerboard(ca
     windowed_only = {"windowed_real": real, "windowed_integral": 0.4 * torch.ones(64, 64)}  # loss.spectrum_window = "hann"
     probe.print_integral(SimpleNamespace(config=cfg, state={"training": {"spectra": windowed_only}}), top=2)
     assert capsys.readouterr().out.startswith("windowed integral as decades of gap: 50% 0.100")
+
+
+def test_precise_bn_replaces_the_moving_average_by_the_final_weights_mean_batch_statistics():
+    """benchmarks/recalibrate_bn.py: after training-mode passes whose statistics drifted, the
+    running mean and variance are the plain mean of the recalibration batches' (not the last
+    few batches' moving average); the weights stay, the momentum is back to 0.1, eval mode."""
+    from torch import nn
+
+    recalibrate = load_benchmark("recalibrate_bn").recalibrate
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with torch.no_grad():  # an EMA over drifting inputs, as training leaves it
+        for shift in range(20):
+            model(torch.randn(8, 3) + shift)
+    weights = model[0].weight.clone()
+    inputs = torch.randn(64, 3) * 2 + 1
+    with torch.no_grad():
+        features = [model[0](inputs[i: i + 8]) for i in range(0, 64, 8)]
+    assert not torch.allclose(model[1].running_mean, torch.stack([f.mean(0) for f in features]).mean(0), atol=0.5)
+    assert recalibrate(model, inputs, batch_size=8) == 1
+    norm = model[1]
+    assert torch.allclose(norm.running_mean, torch.stack([f.mean(0) for f in features]).mean(0), atol=1e-5)
+    assert torch.allclose(norm.running_var, torch.stack([f.var(0) for f in features]).mean(0), atol=1e-5)
+    assert norm.momentum == 0.1 and not model.training and torch.equal(model[0].weight, weights)

@@ -721,7 +721,7 @@ def test_lanczos_upsampling_keeps_the_pass_band_and_removes_the_copies():
     """A cosine of f cycles across a 32-pixel map, upsampled x2 (along either axis): its own
     frequency keeps its amplitude (bilinear's falls) and its copy at 32 - f, nearest's grid,
     is nearly gone. Same phase as bilinear (align_corners=False); a constant stays constant."""
-    from t2i.models.blocks import upsample2x
+    from t2i.models.resampling import upsample2x
 
     side = 32
     for f in (4, 8):
@@ -748,7 +748,8 @@ def test_a_filtered_leaky_relu_folds_less_of_its_harmonics_back_into_the_map():
     the rate and low-passed (StyleGAN3's filtered nonlinearity) a tenth of it comes back or
     less, the sine itself keeps its power, and the block keeps its shapes and the identity on
     positives (a constant stays the same)."""
-    from t2i.models.blocks import ModulatedUpBlock, ResidualUpBlock, leaky_relu
+    from t2i.models.blocks import ModulatedUpBlock, ResidualUpBlock
+    from t2i.models.resampling import leaky_relu
 
     side, f = 32, 9
     wave = torch.sin(2 * torch.pi * f * torch.arange(side) / side).repeat(side, 1)[None, None]
