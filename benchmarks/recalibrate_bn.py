@@ -31,9 +31,10 @@ from t2i.training import checkpoint as ckpt_lib
 
 def recalibrate(model: nn.Module, word_ids: torch.Tensor, batch_size: int, seed: int = 0) -> int:
     """Reset every batch-norm layer of ``model`` and re-estimate its running statistics as the
-    mean over batches of ``word_ids`` drawn in training mode; returns how many layers. The
-    model is left in eval mode."""
+    mean over batches of ``word_ids`` drawn in training mode (each layer's momentum restored
+    after); returns how many layers. The model is left in eval mode."""
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [layer.momentum for layer in layers]
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative mean over the passes below, not an EMA
@@ -42,8 +43,8 @@ def recalibrate(model: nn.Module, word_ids: torch.Tensor, batch_size: int, seed:
     with torch.no_grad():
         for start in range(0, len(word_ids) - batch_size + 1, batch_size):  # full batches only, as in training
             model(word_ids[start: start + batch_size])
-    for layer in layers:
-        layer.momentum = 0.1  # PyTorch's default, as the layers were built
+    for layer, momentum in zip(layers, momenta):
+        layer.momentum = momentum  # as the layers were built
     model.eval()
     return len(layers)
 

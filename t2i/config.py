@@ -331,7 +331,7 @@ def validate(cfg: Config) -> None:
         problems.append("optim.lr and optim.disc_lr must be > 0")
     if not (0 <= cfg.optim.beta1 < 1 and 0 <= cfg.optim.beta2 < 1):
         problems.append("optim.beta1 and optim.beta2 must be in [0, 1)")
-    for key, plain in (("model.upsample", "nearest"), ("model.block", "plain"), ("model.padding", "zeros")):
+    for key, plain in (("model.upsample", "nearest"), ("model.block", "plain"), ("model.padding", "zeros"), ("model.activation", "leaky")):
         if cfg.model.decoder == "plain" and (value := _get(cfg, key)) != plain:
             problems.append(f"{key}: the plain decoder upsamples with transposed convs; {value!r} needs model.decoder = 'modulated'")
     if cfg.model.family == "seed" and cfg.model.decoder != "plain":

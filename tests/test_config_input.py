@@ -39,6 +39,8 @@ from t2i.config import ConfigError
     ("model.block=resnet", "model.block"),
     ("model.padding=reflect", "model.padding: the plain decoder upsamples with transposed convs"),
     ("model.padding=circular", "model.padding"),
+    ("model.activation=filtered", "model.activation: the plain decoder upsamples with transposed convs"),
+    ("model.activation=relu", "model.activation"),
     ("train.gpus_per_worker=0", "train.gpus_per_worker must be in (0, 1]"),
     ("train.gpus_per_worker=2", "train.gpus_per_worker must be in (0, 1]"),
 ])
